@@ -1,0 +1,117 @@
+"""The one place for upstream version shims (BasicSR 1.4.2, torchvision, torch >= 2.6).
+
+``apply()`` is called by ``krdistill/__init__.py`` before anything imports basicsr.
+Each shim is idempotent and only acts when the upstream problem is present.
+
+Shims:
+1. torchvision >= 0.17 renamed ``transforms.functional_tensor`` to ``_functional_tensor``;
+   basicsr 1.4.2 imports the old name at import time. We alias the module.
+2. ``basicsr.train.load_resume_state`` calls ``torch.cuda.current_device()``
+   unconditionally and maps every tensor to CUDA; it cannot resume on a CPU machine. We
+   replace it with a device-agnostic version (CUDA when the options ask for GPUs and one is
+   present, CPU otherwise). Resume states are written by this training run itself (they hold
+   a ``collections.Counter`` for MultiStepRestartLR, which ``weights_only`` refuses), so
+   they are loaded with ``weights_only=False``.
+3. ``basicsr.utils.misc.check_resume`` points every ``network_*`` at
+   ``models/net_<x>_<iter>.pth`` on resume. A teacher is never saved, so ``network_t`` is
+   always treated as listed in ``path.ignore_resume_networks``.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+_APPLIED = False
+
+
+def _alias_functional_tensor() -> None:
+    name = 'torchvision.transforms.functional_tensor'
+    if name in sys.modules:
+        return
+    try:
+        importlib.import_module(name)
+    except ImportError:
+        try:
+            mod = importlib.import_module('torchvision.transforms._functional_tensor')
+        except ImportError:  # torchvision absent or too different: leave basicsr to fail loudly
+            return
+        sys.modules[name] = mod
+
+
+def resume_map_location(opt: dict):
+    """Where to put tensors of a resume state: CUDA if asked for and present, else CPU."""
+    import torch
+    if opt.get('num_gpu', 0) != 0 and torch.cuda.is_available():
+        return torch.device('cuda', torch.cuda.current_device())
+    return torch.device('cpu')
+
+
+def check_resume(opt: dict, resume_iter: int) -> None:
+    """``basicsr.utils.misc.check_resume`` that never redirects the teacher (``network_t``)."""
+    from basicsr.utils import misc
+    ignore = list(opt['path'].get('ignore_resume_networks') or [])
+    if 'network_t' in opt and 'network_t' not in ignore:
+        ignore.append('network_t')
+        opt['path']['ignore_resume_networks'] = ignore
+    misc._krdistill_orig_check_resume(opt, resume_iter)
+
+
+def load_resume_state(opt: dict):
+    """Device-agnostic replacement of ``basicsr.train.load_resume_state``."""
+    import torch
+    from basicsr.utils import scandir
+    from os import path as osp
+
+    resume_state_path = None
+    if opt['auto_resume']:
+        state_path = osp.join(opt.get('root_path', '.'), 'experiments', opt['name'], 'training_states')
+        if osp.isdir(state_path):
+            states = [v for v in scandir(state_path, suffix='state', recursive=False, full_path=False)]
+            iters = []
+            for v in states:
+                try:
+                    iters.append(int(float(v.split('.state')[0])))
+                except ValueError:  # e.g. a temporary file left by a killed save
+                    continue
+            if iters:
+                resume_state_path = osp.join(state_path, f'{max(iters)}.state')
+                opt['path']['resume_state'] = resume_state_path
+    elif opt['path'].get('resume_state'):
+        resume_state_path = opt['path']['resume_state']
+
+    if resume_state_path is None:
+        return None
+    if not osp.isfile(resume_state_path):
+        raise FileNotFoundError(f'path.resume_state: no such file: {resume_state_path}')
+    resume_state = torch.load(resume_state_path, map_location=resume_map_location(opt), weights_only=False)
+    check_resume(opt, resume_state['iter'])
+    return resume_state
+
+
+def _patch_basicsr() -> None:
+    from basicsr.utils import misc
+    import basicsr.utils
+    if not hasattr(misc, '_krdistill_orig_check_resume'):
+        misc._krdistill_orig_check_resume = misc.check_resume
+        misc.check_resume = check_resume
+        basicsr.utils.check_resume = check_resume
+    train_mod = importlib.import_module('basicsr.train')
+    if getattr(train_mod.load_resume_state, '__module__', '') != __name__:
+        train_mod.load_resume_state = load_resume_state
+        train_mod.check_resume = check_resume
+
+
+def apply() -> None:
+    """Apply every shim once. Safe to call repeatedly."""
+    global _APPLIED
+    if _APPLIED:
+        return
+    _alias_functional_tensor()
+    try:
+        importlib.import_module('basicsr')
+    except ImportError:
+        _APPLIED = True  # framework-free use: nothing to patch
+        return
+    _patch_basicsr()
+    _APPLIED = True
