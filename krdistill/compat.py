@@ -15,6 +15,9 @@ Shims:
 3. ``basicsr.utils.misc.check_resume`` points every ``network_*`` at
    ``models/net_<x>_<iter>.pth`` on resume. A teacher is never saved, so ``network_t`` is
    always treated as listed in ``path.ignore_resume_networks``.
+4. BasicSR's image datasets fail on an unreadable image with ``'NoneType' object has no
+   attribute 'astype'``. Their ``__getitem__`` is wrapped to re-raise with the file, the
+   dataset name and the option key (``datasets.<phase>.dataroot_*``).
 """
 from __future__ import annotations
 
@@ -89,7 +92,32 @@ def load_resume_state(opt: dict):
     return resume_state
 
 
+def _wrap_getitem(cls) -> None:
+    if getattr(cls.__getitem__, '_krdistill_wrapped', False):
+        return
+    orig = cls.__getitem__
+
+    def __getitem__(self, index):
+        try:
+            return orig(self, index)
+        except Exception as e:  # noqa: BLE001  (re-raised with context)
+            opt = getattr(self, 'opt', {}) or {}
+            phase = opt.get('phase', '?')
+            paths = getattr(self, 'paths', None)
+            where = paths[index] if isinstance(paths, list) and 0 <= index < len(paths) else f'index {index}'
+            raise RuntimeError(f'datasets.{phase} ({opt.get("name")}): cannot read sample {where} '
+                               f'(check datasets.{phase}.dataroot_gt / dataroot_lq; is the file a valid image?): '
+                               f'{type(e).__name__}: {e}') from e
+
+    __getitem__._krdistill_wrapped = True
+    cls.__getitem__ = __getitem__
+
+
 def _patch_basicsr() -> None:
+    from basicsr.data.paired_image_dataset import PairedImageDataset
+    from basicsr.data.single_image_dataset import SingleImageDataset
+    for cls in (PairedImageDataset, SingleImageDataset):
+        _wrap_getitem(cls)
     from basicsr.utils import misc
     import basicsr.utils
     if not hasattr(misc, '_krdistill_orig_check_resume'):

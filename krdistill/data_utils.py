@@ -215,6 +215,17 @@ def write_image(path: str, img: np.ndarray, compress_level: int = 3) -> None:
         raise OSError(f'cannot write image {path}')
 
 
+def _lmdb_size_bound(path: str) -> int:
+    size = 10 * osp.getsize(path)
+    try:
+        from PIL import Image
+        with Image.open(path) as im:  # reads the header only
+            size = max(size, 2 * im.width * im.height * len(im.getbands()))
+    except Exception:  # noqa: BLE001  (PIL absent or unknown format: the file-size bound stays)
+        pass
+    return size + 8192
+
+
 def write_lmdb(folder: str, lmdb_path: str, compress_level: int = 1) -> str:
     """Pack every image of ``folder`` into ``lmdb_path`` (BasicSR layout, keys = file stems).
 
@@ -233,15 +244,19 @@ def write_lmdb(folder: str, lmdb_path: str, compress_level: int = 1) -> str:
     keys = [osp.splitext(n)[0] for n in names]
     if len(set(keys)) != len(keys):
         raise ValueError(f'{folder}: file stems are not unique, cannot use them as LMDB keys')
+    # basicsr sizes the map from the first image only, which overflows when that one is the
+    # smallest; bound every image instead (the map is a sparse reservation, not disk use).
+    map_size = sum(_lmdb_size_bound(osp.join(folder, n)) for n in names) + (64 << 20)
     make_lmdb_from_imgs(folder, lmdb_path, names, keys, compress_level=compress_level,
-                        multiprocessing_read=False)
+                        multiprocessing_read=False, map_size=map_size)
     return lmdb_path
 
 
 def prepare_folder(hr_folder: str, out_folder: str, scales: Sequence[int] = (4, ), resize: str = 'matlab',
                    crop_size: int | None = None, step: int | None = None, thresh_size: int = 0,
                    lmdb: bool = False, gt_name: str = 'GT', lr_template: str = 'LRbicx{scale}',
-                   compress_level: int = 3, names: Iterable[str] | None = None,
+                   per_scale_gt: bool = False, gt_template: str = 'GTmod{scale}', compress_level: int = 3,
+                   names: Iterable[str] | None = None,
                    log: Callable[[str], None] | None = None) -> dict[str, list[str]]:
     """Make an SR training/test folder from HR images.
 
@@ -250,6 +265,10 @@ def prepare_folder(hr_folder: str, out_folder: str, scales: Sequence[int] = (4, 
     ``step`` pixels (``crop_size`` and ``step`` must then be multiples of every scale). The GT
     goes to ``<out>/<gt_name>``, its downscaled copies to ``<out>/LRbicx{S}`` with the same
     file names (sub-images are named ``<stem>_s001.png`` ... as in BasicSR). Output is PNG.
+
+    With ``per_scale_gt`` each scale gets its own GT, cropped to a multiple of that scale only,
+    in ``<out>/GTmod{S}``: the benchmark layout (Set5/Set14 ``GTmodS`` + ``LRbicxS``). Several
+    scales sharing one ``lcm`` crop give LR images of other sizes than the benchmark's.
 
     Args:
         hr_folder: folder of HR images (8-bit, colour or grayscale).
@@ -261,23 +280,31 @@ def prepare_folder(hr_folder: str, out_folder: str, scales: Sequence[int] = (4, 
         thresh_size: as BasicSR's ``extract_subimages``: add a last, end-flush crop when more
             than this many pixels remain.
         lmdb: also pack each output folder into ``<out>/<folder>.lmdb``.
-        gt_name: name of the GT folder.
+        gt_name: name of the shared GT folder.
         lr_template: LR folder name, formatted with ``scale``.
+        per_scale_gt: one GT folder per scale (``gt_template``) instead of a shared one.
+        gt_template: per-scale GT folder name, formatted with ``scale``.
         compress_level: PNG compression level of written files.
         names: restrict to these file names of ``hr_folder``.
         log: optional callable for progress lines.
 
     Returns:
-        ``{folder name: [written file names]}`` for the GT and each LR folder.
+        ``{folder name: [written file names]}`` for every GT and LR folder.
     """
     scales = [int(s) for s in scales]
     if not scales or any(s < 1 for s in scales):
         raise ValueError(f'scales must be positive integers, got {scales}')
+    if len(set(scales)) != len(scales):
+        raise ValueError(f'scales repeat: {scales}')
     if resize not in RESIZERS:
         raise ValueError(f'unknown resize method {resize!r}; choose from {sorted(RESIZERS)}')
-    mod = math.lcm(*scales)
+    if per_scale_gt:  # (GT folder, crop multiple, scales it serves)
+        groups = [(gt_template.format(scale=s), s, [s]) for s in scales]
+    else:
+        groups = [(gt_name, math.lcm(*scales), scales)]
     if crop_size is not None:
         step = step or crop_size
+        mod = math.lcm(*scales)
         if crop_size % mod or step % mod:
             raise ValueError(f'crop_size ({crop_size}) and step ({step}) must be multiples of every scale '
                              f'{scales} (of {mod}) so that LR crops align with GT crops')
@@ -285,24 +312,32 @@ def prepare_folder(hr_folder: str, out_folder: str, scales: Sequence[int] = (4, 
     if not names:
         raise FileNotFoundError(f'no images in {hr_folder}')
     lr_names = {s: lr_template.format(scale=s) for s in scales}
-    written: dict[str, list[str]] = {gt_name: [], **{lr_names[s]: [] for s in scales}}
+    written: dict[str, list[str]] = {}
+    for gt_folder, _, group_scales in groups:
+        written[gt_folder] = []
+        for s in group_scales:
+            written[lr_names[s]] = []
     for name in names:
-        img = mod_crop(read_image(osp.join(hr_folder, name)), mod)
+        hr = read_image(osp.join(hr_folder, name))
         stem = osp.splitext(name)[0]
-        if crop_size is None:
-            items = [(stem + '.png', img)]
-        else:
-            subs = extract_sub_images(img, crop_size, step, thresh_size)
-            items = [(f'{stem}_s{i + 1:03d}.png', sub) for i, sub in enumerate(subs)]
-        for out_name, gt in items:
-            write_image(osp.join(out_folder, gt_name, out_name), gt, compress_level)
-            written[gt_name].append(out_name)
-            for s in scales:
-                lr = resize_uint8(gt, 1 / s, resize)
-                write_image(osp.join(out_folder, lr_names[s], out_name), lr, compress_level)
-                written[lr_names[s]].append(out_name)
-        if log:
-            log(f'{name}: {len(items)} GT image(s) {img.shape[1]}x{img.shape[0]}')
+        for gt_folder, mod, group_scales in groups:
+            img = mod_crop(hr, mod)
+            if crop_size is None:
+                items = [(stem + '.png', img)]
+            else:
+                subs = extract_sub_images(img, crop_size, step, thresh_size)
+                items = [(f'{stem}_s{i + 1:03d}.png', sub) for i, sub in enumerate(subs)]
+            for out_name, gt in items:
+                write_image(osp.join(out_folder, gt_folder, out_name), gt, compress_level)
+                written[gt_folder].append(out_name)
+                for s in group_scales:
+                    lr = resize_uint8(gt, 1 / s, resize)
+                    write_image(osp.join(out_folder, lr_names[s], out_name), lr, compress_level)
+                    written[lr_names[s]].append(out_name)
+            if log:
+                log(f'{name} -> {gt_folder}: {len(items)} image(s) of '
+                    f'{items[0][1].shape[1]}x{items[0][1].shape[0]}' if items else
+                    f'{name} -> {gt_folder}: smaller than crop size {crop_size}, skipped')
     if lmdb:
         for folder in written:
             write_lmdb(osp.join(out_folder, folder), osp.join(out_folder, folder + '.lmdb'))

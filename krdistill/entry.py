@@ -14,6 +14,7 @@ def run_pipeline(module: str, func: str, argv: list[str] | None, root_path: str 
     """
     import krdistill  # noqa: F401
 
+    _reset_basicsr_logger()
     pipeline = getattr(importlib.import_module(module), func)
     saved = sys.argv
     if argv is not None:
@@ -22,3 +23,19 @@ def run_pipeline(module: str, func: str, argv: list[str] | None, root_path: str 
         pipeline(os.path.abspath(root_path or os.getcwd()))
     finally:
         sys.argv = saved
+
+
+def _reset_basicsr_logger() -> None:
+    """Let the next ``get_root_logger(log_file=...)`` attach this run's log file.
+
+    BasicSR initialises its logger once per process; a second run in the same process (a
+    benchmark, a test, a notebook) would otherwise write no log file of its own.
+    """
+    import logging
+
+    from basicsr.utils import logger as bsr_logger
+    log = logging.getLogger('basicsr')
+    for handler in list(log.handlers):
+        log.removeHandler(handler)
+        handler.close()
+    bsr_logger.initialized_logger.pop('basicsr', None)

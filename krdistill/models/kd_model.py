@@ -168,8 +168,11 @@ class KDSRModel(SRModel):
         pair_losses = self.build_pair_losses()
         if pair_losses and not self.kd_opt['student_layers']:
             raise ValueError('train.kd_opt is set but kd.student_layers / kd.teacher_layers are empty')
+        # record features only when a per-point loss uses them
+        t_layers, s_layers = ((self.kd_opt['teacher_layers'], self.kd_opt['student_layers']) if pair_losses else
+                              ([], []))
         self.distiller = Distiller(
-            self.net_t, self.net_g, self.kd_opt['teacher_layers'], self.kd_opt['student_layers'],
+            self.net_t, self.net_g, t_layers, s_layers,
             pair_losses=pair_losses, output_loss=output_loss,
             keys=dict(teacher_layers='kd.teacher_layers', student_layers='kd.student_layers')).to(self.device)
         self.net_kd = self.distiller  # its state_dict is exactly the trainable KD state

@@ -1,0 +1,268 @@
+r"""The MetaKD meta update, framework-free (torch only).
+
+Reconstructed from the abstract of Zhu, Liu, Chen, arXiv 2207.08356 ("the KRNets are optimized
+in a meta-learning manner"); design note METAKD.md, section "Meta update". With student
+parameters :math:`\theta`, KRNet parameters :math:`\phi` and step size :math:`\alpha`:
+
+.. math::
+
+    \theta' = \theta - \alpha\, P^{-1} \nabla_\theta L_S(\theta, \phi), \qquad
+    \nabla_\phi L_{meta}(\theta'(\phi)), \quad L_{meta}(\theta') = L_{pix}(S_{\theta'}(x_m), y_m)
+
+where :math:`P` is an optional constant preconditioner (Adam's
+:math:`\sqrt{\hat v} + \epsilon`, see :func:`adam_preconditioner`), 1 otherwise.
+
+* ``mode='exact'``: second order, autograd through the virtual step (``create_graph``).
+* ``mode='finite_difference'`` (DARTS, Liu et al. 2019): with :math:`u = P^{-1} \nabla_{\theta'}
+  L_{meta}(\theta')` and :math:`\epsilon = \mathrm{fd\_eps} / \|u\|`,
+
+  .. math::
+
+      \nabla_\phi L_{meta} \approx -\alpha\, \frac{\nabla_\phi L_S(\theta + \epsilon u, \phi)
+      - \nabla_\phi L_S(\theta - \epsilon u, \phi)}{2 \epsilon}
+
+  (no double-backward memory; for :math:`P = 1` this is DARTS' formula with :math:`u = v`).
+
+The student is evaluated through closures that take a ``{name: tensor}`` dict of the bare
+student's parameters (names as in ``unwrap(student).named_parameters()``, no ``module.``
+prefix), typically with :func:`torch.func.functional_call`::
+
+    bare = unwrap(student)
+
+    def student_loss(params):                  # L_S(theta, phi); the KRNets live in the closure
+        with recorder:                         # forward hooks still fire under functional_call
+            out = functional_call(bare, params, (lq,))
+        kr_out = krnet(recorder.features()[0], feat_t)      # feat_t detached
+        return l_pix(out, gt) + texture_wise_loss(kr_out['tex_s'], kr_out['tex_t'], kr_out['weights'])
+
+    def meta_loss(params):                     # L_meta(theta'), no teacher term
+        return l_pix(functional_call(bare, params, (lq_meta,)), gt_meta)
+
+    grads, info = meta_gradient(student, student_loss, meta_loss, list(krnet.parameters()), lr=alpha)
+    for p, g in zip(krnet.parameters(), grads):
+        p.grad = g
+    optimizer_kr.step()
+
+The student's parameters, their ``.grad`` and its buffers are left exactly as they were: the
+virtual step lives only in the dicts handed to the closures (buffers changed by the virtual
+forward passes, e.g. BatchNorm running statistics, are restored). Student parameters that do
+not require grad are passed through unchanged.
+"""
+from __future__ import annotations
+
+from typing import Callable, Iterable, Mapping, Sequence, Union
+
+import torch
+from torch import Tensor, nn
+
+from .features import unwrap
+
+__all__ = ['virtual_step', 'meta_gradient', 'adam_preconditioner', 'student_params']
+
+ParamDict = dict[str, Tensor]
+Loss = Callable[[ParamDict], Tensor]
+_MODES = ('exact', 'finite_difference')
+
+
+def student_params(student: nn.Module) -> ParamDict:
+    """The bare student's parameters by name (wrappers removed); what the closures receive."""
+    return dict(unwrap(student).named_parameters())
+
+
+def virtual_step(params: Mapping[str, Tensor],
+                 grads: Mapping[str, Tensor | None],
+                 lr: float,
+                 precond: Mapping[str, Tensor | None] | None = None) -> ParamDict:
+    r"""One virtual (pre)conditioned SGD step, out of place: ``theta' = theta - lr * g / P``.
+
+    Args:
+        params: ``{name: theta}``; never modified.
+        grads: ``{name: g}``, same shapes; names missing or mapped to None are not stepped.
+        lr: step size ``alpha``.
+        precond: optional ``{name: P}`` divisors (constants, e.g. from
+            :func:`adam_preconditioner`); missing or None entries mean ``P = 1``.
+
+    Returns:
+        A new dict with every name of ``params``; stepped entries are new tensors (they carry
+        the graph of ``params`` and ``grads``), the others are the very same objects.
+    """
+    out: ParamDict = {}
+    for name, p in params.items():
+        g = grads.get(name)
+        if g is None:
+            out[name] = p
+            continue
+        if g.shape != p.shape:
+            raise ValueError(f'virtual_step: gradient of {name!r} has shape {tuple(g.shape)}, '
+                             f'parameter has {tuple(p.shape)}.')
+        d = precond.get(name) if precond is not None else None
+        if d is not None:
+            g = g / d
+        out[name] = p - lr * g
+    return out
+
+
+def adam_preconditioner(optimizer: torch.optim.Optimizer,
+                        named_params: Union[Mapping[str, Tensor], Iterable[tuple[str, Tensor]]],
+                        ) -> dict[str, Tensor | None] | None:
+    r"""Adam's current per-parameter divisor :math:`\sqrt{v_t / (1-\beta_2^t)} + \epsilon`.
+
+    Reads the state of ``torch.optim.Adam`` / ``AdamW`` (or any optimiser whose state holds
+    ``exp_avg_sq`` and ``step`` and whose groups hold ``betas``, ``eps``; ``max_exp_avg_sq``
+    when ``amsgrad``). The result is detached: the preconditioner is a constant of the meta
+    step.
+
+    Args:
+        optimizer: the student's optimiser.
+        named_params: the bare student's ``named_parameters()`` (a dict or pairs).
+
+    Returns:
+        ``{name: divisor}`` with ``None`` for parameters that have no state yet (``P = 1`` in
+        :func:`virtual_step`), or ``None`` when no parameter has state (before the first step).
+    """
+    items = list(named_params.items()) if isinstance(named_params, Mapping) else list(named_params)
+    group_of = {id(p): g for g in optimizer.param_groups for p in g['params']}
+    out: dict[str, Tensor | None] = {}
+    found = False
+    for name, p in items:
+        state = optimizer.state.get(p, {})
+        group = group_of.get(id(p))
+        if group is None or 'exp_avg_sq' not in state or 'step' not in state:
+            out[name] = None
+            continue
+        step = float(state['step'])
+        if step <= 0:
+            out[name] = None
+            continue
+        beta2 = group['betas'][1]
+        v = state['max_exp_avg_sq'] if group.get('amsgrad', False) and 'max_exp_avg_sq' in state \
+            else state['exp_avg_sq']
+        bias_correction2 = 1.0 - beta2**step
+        out[name] = (v.detach() / bias_correction2).sqrt().add_(group['eps'])
+        found = True
+    return out if found else None
+
+
+def _grads(loss: Tensor, inputs: Sequence[Tensor], create_graph: bool = False) -> list[Tensor]:
+    """``d loss / d inputs`` with zeros for inputs the loss does not use."""
+    if not inputs:
+        return []
+    gs = torch.autograd.grad(loss, list(inputs), create_graph=create_graph, allow_unused=True)
+    return [torch.zeros_like(x) if g is None else g for g, x in zip(gs, inputs)]
+
+
+def _check_scalar(value, what: str) -> Tensor:
+    if not torch.is_tensor(value) or value.numel() != 1:
+        shape = tuple(value.shape) if torch.is_tensor(value) else type(value).__name__
+        raise ValueError(f'meta_gradient: {what} must return a scalar tensor, got {shape}.')
+    if not value.requires_grad:
+        raise RuntimeError(f'meta_gradient: {what} does not depend on the parameters it was given '
+                           '(no graph); evaluate the student with functional_call(bare_student, params, ...).')
+    return value.reshape(())
+
+
+def meta_gradient(student: nn.Module,
+                  student_loss: Loss,
+                  meta_loss: Loss,
+                  kr_params: Sequence[Tensor],
+                  lr: float,
+                  mode: str = 'exact',
+                  precond: Mapping[str, Tensor | None] | None = None,
+                  fd_eps: float = 0.01) -> tuple[list[Tensor], dict[str, Tensor]]:
+    r"""Gradient of the meta loss after a virtual student step w.r.t. the KRNet parameters.
+
+    Args:
+        student: the student network (DataParallel / DDP wrappers are removed; only the bare
+            module's parameters are read). It is never modified.
+        student_loss: ``params -> L_S(theta, phi)``, a scalar; ``params`` is a full
+            ``{name: tensor}`` dict of the bare student's parameters. The KRNet parameters
+            ``phi`` enter through the closure.
+        meta_loss: ``params -> L_meta``, a scalar, evaluated at the virtual parameters.
+        kr_params: the parameters ``phi`` to differentiate (e.g. ``list(krnet.parameters())``).
+        lr: virtual step size ``alpha`` (normally the student's current learning rate).
+        mode: ``'exact'`` (second order, default) or ``'finite_difference'`` (DARTS).
+        precond: optional ``{name: P}`` divisors for the virtual step (see
+            :func:`adam_preconditioner`), treated as constants.
+        fd_eps: finite-difference radius in parameter space, ``eps = fd_eps / ||u||``.
+            Default 0.01 (DARTS).
+
+    Returns:
+        ``(grads, info)``: ``grads`` aligned with ``kr_params`` (zeros where ``phi`` does not
+        reach ``L_meta``); ``info`` holds detached scalars ``l_student`` (``L_S`` at
+        ``theta``), ``l_meta`` (at ``theta'``), ``grad_norm`` (of ``grads``) and, for
+        finite differences, ``fd_step`` (the ``eps`` used).
+    """
+    if mode not in _MODES:
+        raise ValueError(f'meta_gradient: mode must be one of {_MODES}, got {mode!r}.')
+    if mode == 'finite_difference' and not fd_eps > 0:
+        raise ValueError(f'meta_gradient: fd_eps must be > 0, got {fd_eps!r}.')
+    kr_params = list(kr_params)
+    bare = unwrap(student)
+    params = dict(bare.named_parameters())
+    names = [n for n, p in params.items() if p.requires_grad]
+    buffers = {n: b.detach().clone() for n, b in bare.named_buffers()}
+    try:
+        if mode == 'exact':
+            grads, info = _exact(params, names, student_loss, meta_loss, kr_params, lr, precond)
+        else:
+            grads, info = _finite_difference(params, names, student_loss, meta_loss, kr_params, lr, precond, fd_eps)
+    finally:
+        if buffers:
+            with torch.no_grad():
+                for n, b in bare.named_buffers():
+                    if n in buffers:
+                        b.copy_(buffers[n])
+    with torch.no_grad():
+        info['grad_norm'] = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])) \
+            if grads else torch.zeros(())
+    return grads, info
+
+
+def _leaves(params: Mapping[str, Tensor], names: Sequence[str]) -> ParamDict:
+    """Params with the trainable ones replaced by detached leaf copies (the real ones stay out of any graph)."""
+    out = dict(params)
+    for n in names:
+        out[n] = params[n].detach().requires_grad_(True)
+    return out
+
+
+def _exact(params, names, student_loss, meta_loss, kr_params, lr, precond):
+    theta = _leaves(params, names)
+    l_s = _check_scalar(student_loss(theta), 'student_loss')
+    g = _grads(l_s, [theta[n] for n in names], create_graph=True)
+    theta_v = virtual_step(theta, dict(zip(names, g)), lr, precond)
+    l_m = _check_scalar(meta_loss(theta_v), 'meta_loss')
+    grads = [x.detach() for x in _grads(l_m, kr_params)]
+    return grads, {'l_student': l_s.detach(), 'l_meta': l_m.detach()}
+
+
+def _finite_difference(params, names, student_loss, meta_loss, kr_params, lr, precond, fd_eps):
+    theta = _leaves(params, names)
+    l_s = _check_scalar(student_loss(theta), 'student_loss')
+    g = [x.detach() for x in _grads(l_s, [theta[n] for n in names])]
+    with torch.no_grad():
+        stepped = virtual_step({n: theta[n].detach() for n in names}, dict(zip(names, g)), lr, precond)
+    theta_v = dict(params)
+    theta_v.update({n: stepped[n].requires_grad_(True) for n in names})
+    l_m = _check_scalar(meta_loss(theta_v), 'meta_loss')
+    v = _grads(l_m, [theta_v[n] for n in names])
+    with torch.no_grad():
+        # Chain rule through theta' = theta - lr * g / P: the direction is u = v / P.
+        u = {n: (x / precond[n] if precond is not None and precond.get(n) is not None else x)
+             for n, x in zip(names, v)}
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(x) for x in u.values()])) \
+            if u else torch.zeros(())
+    if not kr_params:
+        return [], {'l_student': l_s.detach(), 'l_meta': l_m.detach(), 'fd_step': torch.zeros(())}
+    if float(norm) == 0.0:  # L_meta is flat in theta: the meta gradient is exactly zero
+        return [torch.zeros_like(p) for p in kr_params], \
+            {'l_student': l_s.detach(), 'l_meta': l_m.detach(), 'fd_step': torch.zeros(())}
+    eps = fd_eps / norm
+    side = []
+    for sign in (1.0, -1.0):
+        with torch.no_grad():
+            shifted = dict(params)
+            shifted.update({n: params[n].detach() + sign * eps * u[n] for n in names})
+        side.append(_grads(_check_scalar(student_loss(shifted), 'student_loss'), kr_params))
+    grads = [(-lr / (2 * eps)) * (gp - gm) for gp, gm in zip(*side)]
+    return [x.detach() for x in grads], {'l_student': l_s.detach(), 'l_meta': l_m.detach(), 'fd_step': eps.detach()}
