@@ -176,3 +176,22 @@ def test_basicsr_imresize_is_not_bit_exact():
         total += ref.size
         differ += int(np.count_nonzero(out != ref))
     assert differ > 0.01 * total  # several percent of values differ (mostly by 1)
+
+
+@pytest.mark.parametrize('set_name', ['Set5', 'Set14'])
+def test_prepare_folder_reproduces_benchmark_layout(set_name, tmp_path):
+    """HR -> GTmodS + LRbicxS with --per-scale-gt gives the stored benchmark files exactly."""
+    root = SHARED_DATA / set_name
+    if not (root / 'HR').is_dir():
+        pytest.skip(f'reference data {set_name} not found (set KRDISTILL_SHARED_DATA)')
+    tool = _load_tool('prepare_data')
+    out = tmp_path / set_name
+    assert tool.main(['-i', str(root / 'HR'), '-o', str(out), '-s', *map(str, SCALES), '--per-scale-gt',
+                      '--compress-level', '1', '-q']) == 0
+    for s in SCALES:
+        for folder in (f'GTmod{s}', f'LRbicx{s}'):
+            names = list_images(str(root / folder))
+            assert list_images(str(out / folder)) == names
+            for name in names:
+                np.testing.assert_array_equal(read_image(str(out / folder / name)),
+                                              read_image(str(root / folder / name)), err_msg=f'{folder}/{name}')

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Export the student network of a krdistill run as a clean BasicSR ``net_g`` file.
+r"""Export the student network of a krdistill run as a clean BasicSR ``net_g`` file.
 
 Input: a checkpoint ``experiments/<name>/models/net_g_<iter>.pth`` (or ``net_g_latest.pth``),
 or a run folder ``experiments/<name>`` / its ``models`` folder (the latest ``net_g`` is taken,
