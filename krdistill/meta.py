@@ -186,6 +186,11 @@ def meta_gradient(student: nn.Module,
         fd_eps: finite-difference radius in parameter space, ``eps = fd_eps / ||u||``.
             Default 0.01 (DARTS).
 
+    Cost: ``exact`` calls ``student_loss`` once (with a double backward) and ``meta_loss``
+    once; ``finite_difference`` calls ``student_loss`` three times and ``meta_loss`` once, with
+    first-order backward passes only. The closures must be deterministic across calls (same
+    batches, no dropout or random augmentation inside), or the differences are noise.
+
     Returns:
         ``(grads, info)``: ``grads`` aligned with ``kr_params`` (zeros where ``phi`` does not
         reach ``L_meta``); ``info`` holds detached scalars ``l_student`` (``L_S`` at
@@ -212,6 +217,9 @@ def meta_gradient(student: nn.Module,
                 for n, b in bare.named_buffers():
                     if n in buffers:
                         b.copy_(buffers[n])
+    # Same layout as the parameters (autograd may return transposed strides): ready for
+    # ``p.grad = g`` and for all_reduce, which needs dense tensors.
+    grads = [g if g.stride() == p.stride() else torch.empty_like(p).copy_(g) for g, p in zip(grads, kr_params)]
     with torch.no_grad():
         info['grad_norm'] = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])) \
             if grads else torch.zeros(())

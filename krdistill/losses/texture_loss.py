@@ -47,7 +47,11 @@ def texture_wise_loss(tex_s: Tensor,
         weights: texture weights ``a``, ``B x N`` (or ``N``, shared by the batch); from KRNet
             they are a softmax over ``N``.
         criterion: ``'l1'`` (default) or ``'charbonnier'``. Note that Charbonnier gives
-            ``eps * sum_n a_n`` (not 0) for identical inputs.
+            ``eps * sum_n a_n`` (not 0) for identical inputs. In meta training the KRNet's
+            gradient comes from differentiating ``grad_theta L_tex``, which involves
+            ``rho''``: it is 0 almost everywhere for L1, so the teacher guidance ``T_t`` then
+            shapes the meta gradient only through the kernels and weights; Charbonnier
+            (``rho'' = eps^2 / (d^2 + eps^2)^(3/2)``) adds the direct path, larger for larger eps.
         eps: Charbonnier constant. Default 1e-3.
         reduction: ``'mean'`` (default: batch mean of the per-sample loss), ``'sum'`` (batch
             sum) or ``'none'`` (the per-sample vector, shape ``B``).
