@@ -18,6 +18,9 @@ Shims:
 4. BasicSR's image datasets fail on an unreadable image with ``'NoneType' object has no
    attribute 'astype'``. Their ``__getitem__`` is wrapped to re-raise with the file, the
    dataset name and the option key (``datasets.<phase>.dataroot_*``).
+5. ``basicsr.train.create_train_val_dataloader`` rejects dataset phases other than train/val.
+   MetaKD's optional ``datasets.meta`` is built by the model itself, so it is hidden from
+   that function.
 """
 from __future__ import annotations
 
@@ -113,6 +116,23 @@ def _wrap_getitem(cls) -> None:
     cls.__getitem__ = __getitem__
 
 
+MODEL_DATASET_PHASES = ('meta',)
+
+
+def _hide_model_datasets(func):
+    """Hide dataset phases that a model builds itself (``datasets.meta``) from BasicSR's loader builder."""
+
+    def create_train_val_dataloader(opt, logger):
+        hidden = {k: opt['datasets'].pop(k) for k in list(opt['datasets']) if k.split('_')[0] in MODEL_DATASET_PHASES}
+        try:
+            return func(opt, logger)
+        finally:
+            opt['datasets'].update(hidden)
+
+    create_train_val_dataloader._krdistill_wrapped = True
+    return create_train_val_dataloader
+
+
 def _patch_basicsr() -> None:
     from basicsr.data.paired_image_dataset import PairedImageDataset
     from basicsr.data.single_image_dataset import SingleImageDataset
@@ -125,6 +145,8 @@ def _patch_basicsr() -> None:
         misc.check_resume = check_resume
         basicsr.utils.check_resume = check_resume
     train_mod = importlib.import_module('basicsr.train')
+    if not getattr(train_mod.create_train_val_dataloader, '_krdistill_wrapped', False):
+        train_mod.create_train_val_dataloader = _hide_model_datasets(train_mod.create_train_val_dataloader)
     if getattr(train_mod.load_resume_state, '__module__', '') != __name__:
         train_mod.load_resume_state = load_resume_state
         train_mod.check_resume = check_resume

@@ -99,3 +99,15 @@ def write_yaml(opt: dict, path: Path) -> Path:
         d.pop('scale', None)
     Path(path).write_text(yaml.safe_dump(opt, sort_keys=False))
     return Path(path)
+
+
+def tiny_metakd_opt(tmp_path: Path, meta: dict | None = None, **train_extra) -> dict:
+    """``tiny_opt`` for ``MetaKDModel`` with a small KRNet and the texture loss."""
+    extra = dict(texture_opt=dict(type='TextureWiseLoss', loss_weight=1.0, criterion='l1'),
+                 optim_kr=dict(type='Adam', lr=1e-3, betas=[0.9, 0.999]))
+    extra.update(train_extra)
+    opt = tiny_opt(tmp_path, model_type='MetaKDModel', **extra)
+    opt['network_kr'] = dict(type='KRNet', width=8, num_kernels=4, kernel_size=3, corr_radius=1, hidden=8)
+    opt['meta'] = {**dict(every=1, mode='exact', inner_lr=None, precond='none', update='meta', fd_eps=0.01),
+                   **(meta or {})}
+    return opt

@@ -69,7 +69,7 @@ def test_auto_resume_continues_from_saved_iteration(trained, monkeypatch):
     exp = root / 'experiments' / opt['name']
     log = _log_text(exp)
     assert 'Resuming training from epoch' in log and 'iter: 20.' in log
-    assert 'Resumed KD state' in log
+    assert 'Resumed training-only network net_kd' in log
     assert (exp / 'models' / 'net_g_30.pth').is_file()
     assert not (exp / 'models' / 'net_g_40.pth').exists()
 

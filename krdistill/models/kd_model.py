@@ -243,13 +243,14 @@ class KDSRModel(SRModel):
         super().save(epoch, current_iter)
 
     def _load_kd_state(self) -> None:
-        """On resume, load ``net_kd_<iter>.pth`` written next to ``net_g_<iter>.pth``."""
+        """On resume, load ``net_<label>_<iter>.pth`` written next to ``net_g_<iter>.pth``."""
         resume = self.opt['path'].get('resume_state')
-        if not resume or 'kd' not in self.training_only_networks():
+        if not resume:
             return
         it = osp.splitext(osp.basename(resume))[0]
-        load_path = osp.join(self.opt['path']['models'], f'net_kd_{it}.pth')
-        if not osp.isfile(load_path):
-            raise FileNotFoundError(f'path.resume_state: {resume} has no KD state {load_path} beside it')
-        self.load_network(self.distiller, load_path, strict=True, param_key='params')
-        get_root_logger().info(f'Resumed KD state (regressors) from {load_path}')
+        for label, net in self.training_only_networks().items():
+            load_path = osp.join(self.opt['path']['models'], f'net_{label}_{it}.pth')
+            if not osp.isfile(load_path):
+                raise FileNotFoundError(f'path.resume_state: {resume} has no net_{label} state {load_path} beside it')
+            self.load_network(net, load_path, strict=True, param_key='params')
+            get_root_logger().info(f'Resumed training-only network net_{label} from {load_path}')
