@@ -14,7 +14,7 @@ Examples::
 
     python tools/export_student.py experiments/EDSR_x4_metakd -o EDSR_x4_student.pth
     python tools/export_student.py experiments/EDSR_x4_metakd/models/net_g_200000.pth \
-        -o student.pth --param-key params_ema --opt options/train/metakd_edsr_x4.yml
+        -o student.pth --param-key params_ema --opt options/metakd_edsr_x4.yml
 """
 from __future__ import annotations
 

@@ -9,8 +9,8 @@ from a module called with an ``(H, W)`` size argument, such as SwinIR's ``layers
 
 Examples::
 
-    python tools/list_modules.py -opt options/train/metakd_edsr_x4.yml --depth 2
-    python tools/list_modules.py -opt options/train/metakd_swinir_x4.yml --net network_t \
+    python tools/list_modules.py -opt options/metakd_edsr_x4.yml --depth 2
+    python tools/list_modules.py -opt options/metakd_swinir_x4.yml --net network_t \
         --filter '^layers\.\d+$'
 """
 from __future__ import annotations
