@@ -25,7 +25,10 @@ false``) the model is a plain ``SRModel``: no teacher is built.
 """
 from __future__ import annotations
 
+import glob
 import inspect
+import os
+import shutil
 from collections import OrderedDict
 from copy import deepcopy
 from os import path as osp
@@ -222,11 +225,51 @@ class KDSRModel(SRModel):
         self.optimizer_g.zero_grad(set_to_none=True)
         terms, self.output = self.student_terms()
         l_total = torch.stack(list(terms.values())).sum()
-        l_total.backward()
-        self.optimizer_g.step()
+        if self.check_finite(l_total, terms, current_iter, 'student loss'):
+            l_total.backward()
+            if self.check_finite_grads(self.optimizer_g, current_iter, 'student'):
+                self.optimizer_g.step()
         self.log_dict = self.reduce_loss_dict(terms)
         if self.ema_decay > 0:
             self.model_ema(decay=self.ema_decay)
+
+    # ----------------------------------------------------------------- non-finite guard
+    def check_finite(self, loss: torch.Tensor, terms: dict, current_iter: int, what: str) -> bool:
+        """True if ``loss`` is finite. Otherwise the step is skipped and logged; after
+        ``train.max_nonfinite`` (default 10) skipped steps in a row, training stops with a clear
+        message after saving the (still finite) current weights."""
+        if bool(torch.isfinite(loss)):
+            if getattr(self, '_last_bad_iter', None) != current_iter:
+                self._nonfinite = 0
+            return True
+        bad = [k for k, v in terms.items() if not bool(torch.isfinite(v).all())]
+        self._skip_step(current_iter, f'non-finite {what} ({", ".join(bad) or "total"}); step skipped')
+        return False
+
+    def check_finite_grads(self, optimizer: torch.optim.Optimizer, current_iter: int, what: str) -> bool:
+        """True if every gradient in ``optimizer`` is finite; otherwise the step is skipped (see ``check_finite``)."""
+        grads = [p.grad for g in optimizer.param_groups for p in g['params'] if p.grad is not None]
+        if not grads or bool(torch.isfinite(torch.stack([torch.linalg.vector_norm(g) for g in grads])).all()):
+            return True
+        optimizer.zero_grad(set_to_none=True)
+        self._skip_step(current_iter, f'non-finite {what} gradients; step skipped')
+        return False
+
+    def _skip_step(self, current_iter: int, message: str) -> None:
+        if getattr(self, '_last_bad_iter', None) != current_iter:  # count iterations, not checks
+            self._nonfinite = getattr(self, '_nonfinite', 0) + 1
+            self._last_bad_iter = current_iter
+        limit = int(self.opt['train'].get('max_nonfinite', 10))
+        logger = get_root_logger()
+        logger.warning(f'iter {current_iter}: {message} ({self._nonfinite} in a row, limit train.max_nonfinite='
+                       f'{limit})')
+        if self._nonfinite >= limit:
+            self.save(epoch=-1, current_iter=current_iter)
+            raise FloatingPointError(
+                f'Training stopped at iter {current_iter}: {self._nonfinite} non-finite steps in a row. The weights '
+                f'were not updated by them; the last good state was saved as iteration {current_iter} in '
+                f'{self.opt["path"]["models"]} (resume with --auto_resume). Lower train.optim_g.lr or the loss '
+                'weights, or check the data.')
 
     # ----------------------------------------------------------------- saving
     def training_only_networks(self) -> dict:
@@ -237,10 +280,38 @@ class KDSRModel(SRModel):
         return nets
 
     def save(self, epoch, current_iter):
-        if self.is_train:
-            for label, net in self.training_only_networks().items():
-                self.save_network(net, f'net_{label}', current_iter)
-        super().save(epoch, current_iter)
+        """Save student, training-only networks and the training state, crash-safe.
+
+        Files are written into hidden ``.tmp_<iter>`` folders and then moved into place with
+        ``os.replace``, networks first and the training state last, so a kill during saving
+        never leaves a truncated file that ``--auto_resume`` would pick up. Refuses to save
+        non-finite weights.
+        """
+        bad = [n for n, p in self.get_bare_model(self.net_g).named_parameters() if not bool(torch.isfinite(p).all())]
+        if bad:
+            raise FloatingPointError(f'refusing to save non-finite student weights ({bad[:3]} ...) at iter '
+                                     f'{current_iter}')
+        if self.opt.get('rank', 0) != 0:
+            return  # BasicSR saves on the master rank only
+        paths = self.opt['path']
+        final = {k: paths[k] for k in ('models', 'training_states')}
+        tmp = {k: osp.join(v, f'.tmp_{current_iter}') for k, v in final.items()}
+        for k, d in tmp.items():
+            for stale in glob.glob(osp.join(final[k], '.tmp_*')):  # left by a killed save
+                shutil.rmtree(stale, ignore_errors=True)
+            os.makedirs(d)
+        paths.update(tmp)
+        try:
+            if self.is_train:
+                for label, net in self.training_only_networks().items():
+                    self.save_network(net, f'net_{label}', current_iter)
+            super().save(epoch, current_iter)
+        finally:
+            paths.update(final)
+        for k in ('models', 'training_states'):  # the training state (what resume looks for) last
+            for name in sorted(os.listdir(tmp[k])):
+                os.replace(osp.join(tmp[k], name), osp.join(final[k], name))
+            os.rmdir(tmp[k])
 
     def _load_kd_state(self) -> None:
         """On resume, load ``net_<label>_<iter>.pth`` written next to ``net_g_<iter>.pth``."""

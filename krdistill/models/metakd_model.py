@@ -127,18 +127,23 @@ class MetaKDModel(KDSRModel):
             lq_m, gt_m = self._meta_batch()
             self.optimizer_kr.zero_grad(set_to_none=True)
             info = dist.meta_step(self.lq, self.gt, lq_m, gt_m, out_t, feats_t, student_optimizer=self.optimizer_g)
-            self.optimizer_kr.step()
+            if self.check_finite(info['l_meta'], {'l_meta': info['l_meta']}, current_iter, 'meta loss') and \
+                    self.check_finite_grads(self.optimizer_kr, current_iter, 'KRNet meta'):
+                self.optimizer_kr.step()
             log.update(info)
         self.optimizer_g.zero_grad(set_to_none=True)
         self.optimizer_kr.zero_grad(set_to_none=True)
         l_total, terms, self.output = dist.objective(self.lq, self.gt, out_t, feats_t)
-        dist.backward(l_total)
-        self.optimizer_g.step()
-        if dist.meta['update'] == 'joint':
-            self.optimizer_kr.step()
+        if self.check_finite(l_total, terms, current_iter, 'student loss'):
+            dist.backward(l_total)
+            if self.check_finite_grads(self.optimizer_g, current_iter, 'student') and \
+                    self.check_finite_grads(self.optimizer_kr, current_iter, 'KRNet'):
+                self.optimizer_g.step()
+                if dist.meta['update'] == 'joint':
+                    self.optimizer_kr.step()
+                self._prev_batch = (self.lq, self.gt)  # a good batch: the next meta step's fallback
         terms.update(log)
         self.log_dict = self.reduce_loss_dict(terms)
-        self._prev_batch = (self.lq, self.gt)
         if self.ema_decay > 0:
             self.model_ema(decay=self.ema_decay)
 
