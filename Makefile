@@ -17,6 +17,8 @@ $(VENV)/.krdistill-installed: setup.py
 	$(PY) -m pip install -q $(TORCH_PINS)
 	$(PY) -m pip install -q --no-build-isolation basicsr==1.4.2
 	$(PY) -m pip install -q --no-build-isolation -e ".[dev]"
+	# an editable install does not ship krdistill-autoload.pth (lets basicsr/train.py find krdistill)
+	$(PY) -m _krdistill_autoload install
 	touch $@
 
 demo: setup

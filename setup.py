@@ -2,6 +2,21 @@
 import os
 
 from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
+
+PTH = 'krdistill-autoload.pth'
+
+
+class build_py_with_pth(build_py):
+    """Ship ``krdistill-autoload.pth`` at the top of site-packages (BasicSR's own train.py then
+    finds krdistill's classes; see ``_krdistill_autoload.py``)."""
+
+    def run(self):
+        super().run()
+        self.copy_file(os.path.join(here, PTH), os.path.join(self.build_lib, PTH), preserve_mode=0)
+
+    def get_outputs(self, include_bytecode=1):
+        return super().get_outputs(include_bytecode) + [os.path.join(self.build_lib, PTH)]
 
 here = os.path.dirname(os.path.abspath(__file__))
 version = {}
@@ -19,6 +34,8 @@ setup(
     long_description=long_description,
     long_description_content_type='text/markdown',
     packages=find_packages(include=['krdistill', 'krdistill.*']),
+    py_modules=['_krdistill_autoload'],
+    cmdclass={'build_py': build_py_with_pth},
     python_requires='>=3.9',
     install_requires=[
         'basicsr>=1.4.2',

@@ -32,17 +32,9 @@ _APPLIED = False
 
 
 def _alias_functional_tensor() -> None:
-    name = 'torchvision.transforms.functional_tensor'
-    if name in sys.modules:
-        return
-    try:
-        importlib.import_module(name)
-    except ImportError:
-        try:
-            mod = importlib.import_module('torchvision.transforms._functional_tensor')
-        except ImportError:  # torchvision absent or too different: leave basicsr to fail loudly
-            return
-        sys.modules[name] = mod
+    # One implementation, shared with the interpreter-start hook that ships beside the package.
+    from _krdistill_autoload import alias_functional_tensor
+    alias_functional_tensor()
 
 
 def resume_map_location(opt: dict):
