@@ -21,6 +21,9 @@ Shims:
 5. ``basicsr.train.create_train_val_dataloader`` rejects dataset phases other than train/val.
    MetaKD's optional ``datasets.meta`` is built by the model itself, so it is hidden from
    that function.
+6. ``basicsr.utils.dist_util._init_dist_pytorch`` calls ``torch.cuda.set_device`` and uses
+   NCCL; on a machine without CUDA (CPU runs under ``torchrun``, tests) it uses the gloo
+   backend and skips the device selection instead.
 """
 from __future__ import annotations
 
@@ -125,7 +128,20 @@ def _hide_model_datasets(func):
     return create_train_val_dataloader
 
 
+def _init_dist_pytorch(backend='nccl', **kwargs):
+    """``--launcher pytorch`` that also works without CUDA (gloo on CPU)."""
+    import torch
+    import torch.distributed as dist
+    if torch.cuda.is_available() and torch.cuda.device_count() > 0:
+        torch.cuda.set_device(int(os.environ['RANK']) % torch.cuda.device_count())
+    else:
+        backend = 'gloo'
+    dist.init_process_group(backend=backend, **kwargs)
+
+
 def _patch_basicsr() -> None:
+    from basicsr.utils import dist_util
+    dist_util._init_dist_pytorch = _init_dist_pytorch
     from basicsr.data.paired_image_dataset import PairedImageDataset
     from basicsr.data.single_image_dataset import SingleImageDataset
     for cls in (PairedImageDataset, SingleImageDataset):

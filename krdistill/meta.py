@@ -168,7 +168,8 @@ def meta_gradient(student: nn.Module,
                   lr: float,
                   mode: str = 'exact',
                   precond: Mapping[str, Tensor | None] | None = None,
-                  fd_eps: float = 0.01) -> tuple[list[Tensor], dict[str, Tensor]]:
+                  fd_eps: float = 0.01,
+                  reduce: Callable[[list[Tensor]], list[Tensor]] | None = None) -> tuple[list[Tensor], dict[str, Tensor]]:
     r"""Gradient of the meta loss after a virtual student step w.r.t. the KRNet parameters.
 
     Args:
@@ -185,6 +186,12 @@ def meta_gradient(student: nn.Module,
             :func:`adam_preconditioner`), treated as constants.
         fd_eps: finite-difference radius in parameter space, ``eps = fd_eps / ||u||``.
             Default 0.01 (DARTS).
+        reduce: data parallelism: averages a list of per-rank tensors over ranks (e.g. with
+            ``torch.distributed.nn.functional.all_reduce``, which is differentiable). Applied to
+            the student gradient of the virtual step (inside the graph in ``exact`` mode) and, in
+            ``finite_difference`` mode, to ``grad_theta' L_meta``, so every rank takes the same
+            virtual step as one process with the global batch. The caller still averages the
+            returned ``grads`` over ranks.
 
     Cost: ``exact`` calls ``student_loss`` once (with a double backward) and ``meta_loss``
     once; ``finite_difference`` calls ``student_loss`` three times and ``meta_loss`` once, with
@@ -208,9 +215,10 @@ def meta_gradient(student: nn.Module,
     buffers = {n: b.detach().clone() for n, b in bare.named_buffers()}
     try:
         if mode == 'exact':
-            grads, info = _exact(params, names, student_loss, meta_loss, kr_params, lr, precond)
+            grads, info = _exact(params, names, student_loss, meta_loss, kr_params, lr, precond, reduce)
         else:
-            grads, info = _finite_difference(params, names, student_loss, meta_loss, kr_params, lr, precond, fd_eps)
+            grads, info = _finite_difference(params, names, student_loss, meta_loss, kr_params, lr, precond, fd_eps,
+                                             reduce)
     finally:
         if buffers:
             with torch.no_grad():
@@ -234,26 +242,32 @@ def _leaves(params: Mapping[str, Tensor], names: Sequence[str]) -> ParamDict:
     return out
 
 
-def _exact(params, names, student_loss, meta_loss, kr_params, lr, precond):
+def _exact(params, names, student_loss, meta_loss, kr_params, lr, precond, reduce=None):
     theta = _leaves(params, names)
     l_s = _check_scalar(student_loss(theta), 'student_loss')
     g = _grads(l_s, [theta[n] for n in names], create_graph=True)
+    if reduce is not None:
+        g = list(reduce(g))
     theta_v = virtual_step(theta, dict(zip(names, g)), lr, precond)
     l_m = _check_scalar(meta_loss(theta_v), 'meta_loss')
     grads = [x.detach() for x in _grads(l_m, kr_params)]
     return grads, {'l_student': l_s.detach(), 'l_meta': l_m.detach()}
 
 
-def _finite_difference(params, names, student_loss, meta_loss, kr_params, lr, precond, fd_eps):
+def _finite_difference(params, names, student_loss, meta_loss, kr_params, lr, precond, fd_eps, reduce=None):
     theta = _leaves(params, names)
     l_s = _check_scalar(student_loss(theta), 'student_loss')
     g = [x.detach() for x in _grads(l_s, [theta[n] for n in names])]
+    if reduce is not None:
+        g = [x.detach() for x in reduce(g)]
     with torch.no_grad():
         stepped = virtual_step({n: theta[n].detach() for n in names}, dict(zip(names, g)), lr, precond)
     theta_v = dict(params)
     theta_v.update({n: stepped[n].requires_grad_(True) for n in names})
     l_m = _check_scalar(meta_loss(theta_v), 'meta_loss')
     v = _grads(l_m, [theta_v[n] for n in names])
+    if reduce is not None:
+        v = [x.detach() for x in reduce(v)]
     with torch.no_grad():
         # Chain rule through theta' = theta - lr * g / P: the direction is u = v / P.
         u = {n: (x / precond[n] if precond is not None and precond.get(n) is not None else x)

@@ -1,5 +1,8 @@
 """MetaKD for any PyTorch SR training loop (torch only; BasicSR's ``MetaKDModel`` is a thin user).
 
+Building it from option blocks (KRNets from ``network_kr``, losses, ``optim_kr``) and the
+per-iteration bookkeeping (meta batch, checkpoints) are done by :class:`krdistill.api.MetaKD`.
+
 Reconstructed from the abstract of Zhu, Liu, Chen, arXiv 2207.08356: KRNets turn student
 features and the teacher-student correlation into texture-aware dynamic kernels; the same
 kernels extract the student's textures and the teacher's guidance (texture-wise loss); the
@@ -9,7 +12,7 @@ One iteration (``update='meta'``)::
 
     out_t, feats_t = mkd.teacher_forward(lq)                    # once, no graph
     if mkd.is_meta_iter(it):
-        mkd.meta_step(lq, gt, lq_m, gt_m, out_t, feats_t, lr=lr_s, student_optimizer=opt_s)
+        mkd.meta_step(lq, gt, lq_m, gt_m, out_t, feats_t, student_optimizer=opt_s)  # alpha: opt_s's lr
         opt_kr.step()                                           # KRNet grads were set by meta_step
     opt_s.zero_grad()
     loss, terms, out = mkd.objective(lq, gt, out_t, feats_t)
@@ -56,6 +59,19 @@ def check_meta_options(meta: dict | None, key: str = 'meta') -> dict:
     if not isinstance(out['fd_eps'], (int, float)) or out['fd_eps'] <= 0:
         raise ValueError(f'{key}.fd_eps: must be a number > 0, got {out["fd_eps"]!r}')
     return out
+
+
+def _world_size() -> int:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_world_size()
+    return 1
+
+
+def _average_over_ranks(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Differentiable mean over ranks (the virtual step then uses the global-batch gradient)."""
+    from torch.distributed.nn.functional import all_reduce
+    world = torch.distributed.get_world_size()
+    return [all_reduce(t.contiguous()) / world for t in tensors]
 
 
 class KRTextureTerm(nn.Module):
@@ -128,13 +144,18 @@ class MetaDistiller(Distiller):
             terms = OrderedDict((KRTextureTerm.log_key if k == 'l_kd_texture' else k, v) for k, v in terms.items())
         return terms
 
-    def backward(self, loss: torch.Tensor) -> None:
-        """Backward of the student objective. With ``update='meta'`` or ``'frozen'`` the KRNets
-        get no gradient from it (only the student does); with ``'joint'`` they do."""
+    def grad_inputs(self) -> list[torch.Tensor]:
+        """The tensors the student objective is differentiated for: the student's trainable
+        parameters, plus the KRNets' with ``update='joint'``."""
         inputs = [p for p in unwrap(self.student).parameters() if p.requires_grad]
         if self.meta['update'] == 'joint':
             inputs += self.kr_parameters()
-        loss.backward(inputs=inputs)
+        return inputs
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Backward of the student objective. With ``update='meta'`` or ``'frozen'`` the KRNets
+        get no gradient from it (only the student does); with ``'joint'`` they do."""
+        loss.backward(inputs=self.grad_inputs())
 
     # ------------------------------------------------------------------ meta step
     def is_meta_iter(self, it: int) -> bool:
@@ -175,11 +196,11 @@ class MetaDistiller(Distiller):
         def meta_loss(params):
             return self.pixel_loss(functional_call(bare, params, (lq_meta,)), gt_meta)
 
+        world = _world_size()
         grads, info = meta_gradient(self.student, student_loss, meta_loss, kr_params, lr=self.inner_lr(
-            student_optimizer), mode=self.meta['mode'], precond=precond, fd_eps=self.meta['fd_eps'])
-        if torch.distributed.is_available() and torch.distributed.is_initialized() \
-                and torch.distributed.get_world_size() > 1:
-            world = torch.distributed.get_world_size()
+            student_optimizer), mode=self.meta['mode'], precond=precond, fd_eps=self.meta['fd_eps'],
+            reduce=_average_over_ranks if world > 1 else None)
+        if world > 1:  # the meta gradient of the global batch: average over ranks
             for g in grads:
                 torch.distributed.all_reduce(g)
                 g.div_(world)

@@ -179,7 +179,30 @@ class KDSRModel(SRModel):
             pair_losses=pair_losses, output_loss=output_loss,
             keys=dict(teacher_layers='kd.teacher_layers', student_layers='kd.student_layers')).to(self.device)
         self.net_kd = self.distiller  # its state_dict is exactly the trainable KD state
+        self.sync_training_only()
         self._load_kd_state()
+
+    def model_to_device(self, net):
+        """BasicSR's ``model_to_device``, plus DDP on CPU (gloo; no ``device_ids``)."""
+        if self.opt['dist'] and self.device.type == 'cpu':
+            from torch.nn.parallel import DistributedDataParallel
+            return DistributedDataParallel(net.to(self.device), find_unused_parameters=self.opt.get(
+                'find_unused_parameters', False))
+        return super().model_to_device(net)
+
+    def sync_training_only(self, grads: bool = False) -> None:
+        """Under DDP: broadcast the training-only KD parameters from rank 0 (``grads=False``, at
+        start) or average their gradients over ranks (``grads=True``, before a step). The student
+        is synchronised by DDP itself; regressors and KRNets are not inside it."""
+        if not self.opt.get('dist') or not torch.distributed.is_initialized():
+            return
+        world = torch.distributed.get_world_size()
+        for p in self.distiller.parameters():
+            if not grads:
+                torch.distributed.broadcast(p.data, src=0)
+            elif p.grad is not None:
+                torch.distributed.all_reduce(p.grad)
+                p.grad.div_(world)
 
     def kd_parameters(self) -> list:
         return [p for p in self.distiller.parameters() if p.requires_grad]
@@ -227,6 +250,7 @@ class KDSRModel(SRModel):
         l_total = torch.stack(list(terms.values())).sum()
         if self.check_finite(l_total, terms, current_iter, 'student loss'):
             l_total.backward()
+            self.sync_training_only(grads=True)
             if self.check_finite_grads(self.optimizer_g, current_iter, 'student'):
                 self.optimizer_g.step()
         self.log_dict = self.reduce_loss_dict(terms)

@@ -71,6 +71,7 @@ class MetaKDModel(KDSRModel):
             texture_loss=texture_loss, pixel_loss=pixel_loss, output_loss=output_loss, meta=self.meta_opt,
             keys=dict(teacher_layers='kd.teacher_layers', student_layers='kd.student_layers')).to(self.device)
         self.net_kr = self.distiller.krnets
+        self.sync_training_only()  # same KRNet initialisation on every rank
         load_path = opt['path'].get('pretrain_network_kr')
         if opt['path'].get('resume_state'):
             self._load_kd_state()  # net_kr_<iter>.pth of the resumed iteration
@@ -136,6 +137,8 @@ class MetaKDModel(KDSRModel):
         l_total, terms, self.output = dist.objective(self.lq, self.gt, out_t, feats_t)
         if self.check_finite(l_total, terms, current_iter, 'student loss'):
             dist.backward(l_total)
+            if dist.meta['update'] == 'joint':
+                self.sync_training_only(grads=True)
             if self.check_finite_grads(self.optimizer_g, current_iter, 'student') and \
                     self.check_finite_grads(self.optimizer_kr, current_iter, 'KRNet'):
                 self.optimizer_g.step()
