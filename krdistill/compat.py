@@ -20,7 +20,8 @@ Shims:
    dataset name and the option key (``datasets.<phase>.dataroot_*``).
 5. ``basicsr.train.create_train_val_dataloader`` rejects dataset phases other than train/val.
    MetaKD's optional ``datasets.meta`` is built by the model itself, so it is hidden from
-   that function.
+   that function. The wrapper also runs :func:`krdistill.preflight.check_datasets` first
+   (missing, empty, mismatched or corrupt image folders fail before anything is built).
 6. ``basicsr.utils.dist_util._init_dist_pytorch`` calls ``torch.cuda.set_device`` and uses
    NCCL; on a machine without CUDA (CPU runs under ``torchrun``, tests) it uses the gloo
    backend and skips the device selection instead.
@@ -118,6 +119,8 @@ def _hide_model_datasets(func):
     """Hide dataset phases that a model builds itself (``datasets.meta``) from BasicSR's loader builder."""
 
     def create_train_val_dataloader(opt, logger):
+        from .preflight import check_datasets
+        check_datasets(opt)  # clear errors before anything is built (see krdistill/preflight.py)
         hidden = {k: opt['datasets'].pop(k) for k in list(opt['datasets']) if k.split('_')[0] in MODEL_DATASET_PHASES}
         try:
             return func(opt, logger)

@@ -43,6 +43,8 @@ _CHOICES = dict(mode=('exact', 'finite_difference'), precond=('none', 'adam'), u
 
 def check_meta_options(meta: dict | None, key: str = 'meta') -> dict:
     """Fill defaults and validate a ``meta:`` block; errors name ``meta.<key>``."""
+    if meta is not None and not isinstance(meta, dict):
+        raise TypeError(f'{key}: must be a mapping of {sorted(META_DEFAULTS)}, got {type(meta).__name__}')
     meta = dict(meta or {})
     unknown = sorted(set(meta) - set(META_DEFAULTS))
     if unknown:
