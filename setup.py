@@ -53,6 +53,7 @@ setup(
         'console_scripts': [
             'krdistill-train=krdistill.train:main',
             'krdistill-test=krdistill.test:main',
+            'krdistill-evaluate=krdistill.evaluation:main',
         ],
     },
     classifiers=[

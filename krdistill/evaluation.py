@@ -120,3 +120,114 @@ def markdown_table(header: Iterable[str], rows: Iterable[Iterable]) -> str:
     lines = ['| ' + ' | '.join(header) + ' |', '|' + '|'.join('---' for _ in header) + '|']
     lines += ['| ' + ' | '.join(str(c) for c in row) + ' |' for row in rows]
     return '\n'.join(lines)
+
+
+# ------------------------------------------------------------------------------------------ networks
+#: ``--preset`` names for :func:`main` (BasicSR ``network_g`` dicts)
+PRESETS = {
+    f'edsr-f{f}b{b}-x{s}': dict(type='EDSR', num_in_ch=3, num_out_ch=3, num_feat=f, num_block=b, upscale=s,
+                                res_scale=0.1 if f >= 256 else 1, img_range=255., rgb_mean=[0.4488, 0.4371, 0.4040])
+    for f, b in ((16, 4), (32, 4), (64, 8), (64, 16), (256, 32)) for s in (2, 3, 4)
+}
+
+
+def build_network(net_opt: dict) -> nn.Module:
+    """A network from a BasicSR ``network_g``-style dict (``type`` + arguments) via ARCH_REGISTRY."""
+    import basicsr.archs  # noqa: F401  (registers the archs)
+    from basicsr.utils.registry import ARCH_REGISTRY
+    import krdistill.archs  # noqa: F401
+    opt = dict(net_opt)
+    return ARCH_REGISTRY.get(opt.pop('type'))(**opt)
+
+
+def load_network(net: nn.Module, path: str | os.PathLike, param_key: str | None = None) -> nn.Module:
+    """Load a checkpoint into ``net`` (strict). ``param_key``: ``params`` / ``params_ema``; default: the
+    first of those present (``params_ema`` preferred, as BasicSR's test does), else a bare state dict."""
+    sd = torch.load(str(path), map_location='cpu', weights_only=True)
+    if param_key is not None:
+        sd = sd[param_key]
+    elif isinstance(sd, dict) and ('params_ema' in sd or 'params' in sd):
+        sd = sd['params_ema'] if 'params_ema' in sd else sd['params']
+    sd = {k[7:] if k.startswith('module.') else k: v for k, v in sd.items()}
+    net.load_state_dict(sd, strict=True)
+    return net.eval()
+
+
+def _network_from_option(path: str | os.PathLike, key: str = 'network_g') -> dict:
+    import yaml
+    with open(path) as f:
+        opt = yaml.safe_load(f)
+    if key not in opt:
+        raise KeyError(f'{path}: no {key!r} section')
+    return opt[key]
+
+
+def find_checkpoints(path: str | os.PathLike) -> list[tuple[str, Path, dict | None]]:
+    """``(name, checkpoint, network dict or None)`` for a checkpoint file or a benchmark run folder
+    (``<out>/runs/<job>/student.pth`` with the network in ``result.json``)."""
+    import json
+    path = Path(path)
+    if path.is_file():
+        return [(path.stem, path, None)]
+    runs = path / 'runs' if (path / 'runs').is_dir() else path
+    found = []
+    for ck in sorted(runs.glob('*/student.pth')):
+        net = None
+        if (ck.parent / 'result.json').exists():
+            with open(ck.parent / 'result.json') as f:
+                net = json.load(f).get('network')
+        found.append((ck.parent.name, ck, net))
+    if not found:
+        raise FileNotFoundError(f'{path}: neither a checkpoint file nor a folder with */student.pth')
+    return found
+
+
+def evaluate_checkpoints(checkpoints: Sequence[str | os.PathLike], hr_dir, scale: int, lr_dir=None,
+                         network: dict | None = None, param_key: str | None = None, bicubic: bool = False,
+                         device: str = 'cpu') -> dict:
+    """Evaluate checkpoints (files or benchmark run folders) on one HR folder. Returns
+    ``{name: evaluate(...) result}`` (``bicubic`` adds the bicubic baseline)."""
+    pairs = load_pairs(hr_dir, scale, lr_dir)
+    results = {}
+    if bicubic:
+        results['bicubic'] = evaluate(None, pairs, scale)
+    for ck in checkpoints:
+        for name, path, net_opt in find_checkpoints(ck):
+            opt = network or net_opt
+            if opt is None:
+                raise ValueError(f'{path}: give the architecture with -opt (network_g) or --preset')
+            net = load_network(build_network(opt), path, param_key).to(device)
+            results[name] = evaluate(net, pairs, scale, device)
+    return results
+
+
+def main(argv=None) -> dict:
+    """``krdistill-evaluate`` / ``tools/evaluate.py``: Y-PSNR/SSIM of student checkpoints on a folder."""
+    import argparse
+    import json
+    p = argparse.ArgumentParser(description='Evaluate SR checkpoints (or benchmark run folders) on HR images: '
+                                'crop to a multiple of the scale, LR by MATLAB-compatible bicubic (or --lr-dir), '
+                                'Y-channel PSNR/SSIM with border = scale, no self-ensemble.')
+    p.add_argument('checkpoints', nargs='*', help='checkpoint files ({"params": ...}) or benchmark run folders')
+    p.add_argument('--hr-dir', required=True, help='folder of HR images')
+    p.add_argument('--lr-dir', default=None, help='reference LR images with the same file names (default: make them)')
+    p.add_argument('--scale', type=int, required=True)
+    p.add_argument('-opt', '--opt', default=None, help='option YAML whose network_g gives the architecture')
+    p.add_argument('--network-key', default='network_g', help='section of -opt to use (e.g. network_t)')
+    p.add_argument('--preset', default=None, choices=sorted(PRESETS), help='a built-in architecture instead of -opt')
+    p.add_argument('--param-key', default=None, help='params | params_ema (default: params_ema if present)')
+    p.add_argument('--bicubic', action='store_true', help='also report bicubic upscaling')
+    p.add_argument('--json', default=None, help='write the results (per image and mean) here')
+    p.add_argument('--device', default='cpu')
+    a = p.parse_args(argv)
+    if not a.checkpoints and not a.bicubic:
+        p.error('give checkpoints or --bicubic')
+    network = _network_from_option(a.opt, a.network_key) if a.opt else (PRESETS[a.preset] if a.preset else None)
+    res = evaluate_checkpoints(a.checkpoints, a.hr_dir, a.scale, a.lr_dir, network, a.param_key, a.bicubic, a.device)
+    print(markdown_table(['model', 'images', 'Y-PSNR', 'Y-SSIM'],
+                         [[k, len(v['images']), f'{v["psnr"]:.3f}', f'{v["ssim"]:.4f}'] for k, v in res.items()]))
+    if a.json:
+        with open(a.json, 'w') as f:
+            json.dump(dict(hr_dir=str(a.hr_dir), lr_dir=a.lr_dir, scale=a.scale, border=a.scale, results=res), f,
+                      indent=1)
+    return res

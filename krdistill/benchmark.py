@@ -1,0 +1,979 @@
+"""Distillation benchmark: MetaKD against hand-crafted KD, side by side, in a plain PyTorch loop.
+
+One command (``tools/benchmark.py``) does everything, resumably (a finished run is never
+retrained; the patch pool, the teacher's precomputed outputs/features and the time plan are
+reused from the run folder):
+
+1. build a fixed cache of random HR/LR patch pairs from a fixed seed (area-weighted image
+   choice, random position, one of the 8 flips/transposes; LR by exact MATLAB bicubic of the
+   whole image);
+2. load (or train) the teacher and compute, ONCE for the whole pool, its outputs and the
+   features the methods tap (fp16, on disk under the run folder, read row by row);
+3. measure a few iterations of every method (two 1-thread jobs at once, as in the real run),
+   fit the iterations to the time budget and print the plan with the predicted time;
+4. run every (method, seed) job -- the same student, the same initialisation and the same
+   per-seed batch order for every method -- in ``workers`` processes with ``threads`` threads
+   each, then the ablations (1 seed, fewer iterations);
+5. evaluate (Y-PSNR/SSIM, border = scale, reference LR) and write ``results.md``,
+   ``results.json``, ``curves.png`` and ``visual.png``.
+
+The training code uses the same framework-free classes as the BasicSR models
+(:class:`~krdistill.distiller.Distiller`, :class:`~krdistill.metakd.MetaDistiller`, the KD
+loss modules, :class:`~krdistill.archs.krnet_arch.KRNet`), with the teacher's precomputed
+``out_t``/``feats_t`` passed in. Config schema: ``options/bench/cpu_x4.yml``.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+import warnings
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from torch import nn
+
+import krdistill  # noqa: F401  (shims before basicsr)
+from krdistill import evaluation as ev
+
+__all__ = ['load_config', 'run', 'main', 'METHOD_LABELS']
+
+METHOD_LABELS = {
+    'bicubic': 'bicubic', 'teacher': 'teacher', 'student_alone': 'student alone', 'output_kd': 'output KD',
+    'fitnet': 'FitNet', 'at': 'AT', 'fakd': 'FAKD', 'metakd_exact': 'MetaKD (exact)',
+    'metakd_fd': 'MetaKD (finite difference)'
+}
+HANDCRAFTED = ('output_kd', 'fitnet', 'at', 'fakd')
+
+
+def log(*a):
+    print(time.strftime('%H:%M:%S'), *a, flush=True)
+
+
+# ============================================================================================ config
+def load_config(path) -> dict:
+    with open(path) as f:
+        cfg = yaml.safe_load(f)
+    for key in ('scale', 'data', 'pool', 'student', 'train', 'methods'):
+        if key not in cfg:
+            raise KeyError(f'{path}: missing top-level key {key!r}')
+    return cfg
+
+
+def _hash(obj) -> str:
+    return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+
+def build_net(net_opt: dict) -> nn.Module:
+    return ev.build_network(net_opt)
+
+
+# ============================================================================================ patch pool
+def _train_images(cfg: dict, data_root: Path) -> list[Path]:
+    exclude = {str(Path(e)) for e in cfg['data'].get('exclude', [])}
+    paths = []
+    for folder in cfg['data']['train_hr']:
+        for p in ev.list_images(data_root / folder):
+            if str(p.relative_to(data_root)) not in exclude:
+                paths.append(p)
+    return paths
+
+
+def _rows_write(path: Path, arr: np.ndarray) -> None:
+    arr = np.ascontiguousarray(arr)
+    arr.tofile(path)
+    with open(str(path) + '.json', 'w') as f:
+        json.dump(dict(shape=list(arr.shape), dtype=str(arr.dtype)), f)
+
+
+class RowFile:
+    """Read rows of a raw array file by index (no mmap: the process RSS stays the model's)."""
+
+    def __init__(self, path):
+        with open(str(path) + '.json') as f:
+            meta = json.load(f)
+        self.shape = tuple(meta['shape'])
+        self.dtype = np.dtype(meta['dtype'])
+        self.row = int(np.prod(self.shape[1:])) * self.dtype.itemsize
+        self.f = open(path, 'rb', buffering=0)
+
+    def __len__(self):
+        return self.shape[0]
+
+    def take(self, idx) -> np.ndarray:
+        out = np.empty((len(idx), ) + self.shape[1:], self.dtype)
+        buf = memoryview(out.reshape(-1).view(np.uint8))
+        for k, i in enumerate(idx):
+            self.f.seek(int(i) * self.row)
+            self.f.readinto(buf[k * self.row:(k + 1) * self.row])
+        return out
+
+
+def build_pool(cfg: dict, data_root: Path, cache: Path) -> Path:
+    """The fixed patch pool: ``pool_hr`` (N x 3 x g x g) and ``pool_lr`` uint8 RGB, from ``pool.seed``."""
+    scale, pc = cfg['scale'], cfg['pool']
+    key = _hash(dict(pool=pc, data=cfg['data'], scale=scale))
+    folder = cache / f'pool_{key}'
+    if (folder / 'done').exists():
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = _train_images(cfg, data_root)
+    log(f'pool: {len(paths)} training images, making LR (MATLAB bicubic x{scale}) ...')
+    hrs, lrs = [], []
+    for p in paths:
+        hr = ev.mod_crop(ev.read_image(p), scale)[:, :, ::-1]  # RGB
+        hrs.append(np.ascontiguousarray(hr))
+        lrs.append(ev.bicubic_downscale(np.ascontiguousarray(hr), scale))
+    g = pc['gt_size']
+    l = g // scale
+    # images smaller than a patch (a few T91 images are 78 px) are not drawn
+    areas = np.array([h.shape[0] * h.shape[1] * (min(h.shape[:2]) >= g) for h in hrs], np.float64)
+    if not areas.any():
+        raise ValueError(f'pool: no training image has both sides >= gt_size {g}')
+    rng = np.random.default_rng(pc['seed'])
+    n = pc['size']
+    img_idx = rng.choice(len(hrs), size=n, p=areas / areas.sum())
+    pool_hr = np.empty((n, 3, g, g), np.uint8)
+    pool_lr = np.empty((n, 3, l, l), np.uint8)
+    for k, i in enumerate(img_idx):
+        lr = lrs[i]
+        y = rng.integers(0, lr.shape[0] - l + 1)
+        x = rng.integers(0, lr.shape[1] - l + 1)
+        t = rng.integers(0, 8)
+        ph = hrs[i][y * scale:(y + l) * scale, x * scale:(x + l) * scale]
+        pl = lr[y:y + l, x:x + l]
+        ph, pl = _dihedral(ph, t), _dihedral(pl, t)
+        pool_hr[k] = ph.transpose(2, 0, 1)
+        pool_lr[k] = pl.transpose(2, 0, 1)
+    _rows_write(folder / 'pool_hr.bin', pool_hr)
+    _rows_write(folder / 'pool_lr.bin', pool_lr)
+    with open(folder / 'images.json', 'w') as f:
+        json.dump([str(p.relative_to(data_root)) for p in paths], f)
+    (folder / 'done').write_text('ok')
+    log(f'pool: {n} patch pairs {g}/{l} written to {folder}')
+    return folder
+
+
+def _dihedral(img: np.ndarray, t: int) -> np.ndarray:
+    if t & 1:
+        img = img[:, ::-1]
+    if t & 2:
+        img = img[::-1]
+    if t & 4:
+        img = img.transpose(1, 0, 2)
+    return np.ascontiguousarray(img)
+
+
+def _to_float(x: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(x).float().div_(255.)
+
+
+# ============================================================================================ teacher
+def _lr_schedule(opt, iters, eta_min=0.0):
+    return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=iters, eta_min=eta_min)
+
+
+def get_teacher(cfg: dict, pool: Path, out: Path, teacher_ckpt: str | None, threads: int) -> Path:
+    """The teacher checkpoint: the given file, or one trained here on the pool (resumable)."""
+    if teacher_ckpt:
+        return Path(teacher_ckpt)
+    tc = cfg['teacher']
+    path = out / 'teacher' / 'teacher.pth'
+    if path.exists():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tr = tc['train']
+    torch.set_num_threads(threads)
+    torch.manual_seed(tr.get('seed', 0))
+    net = build_net(tc['network'])
+    opt = torch.optim.Adam(net.parameters(), lr=float(tr['lr']), betas=tuple(cfg['train']['betas']))
+    sched = _lr_schedule(opt, tr['iters'], float(tr.get('eta_min', 0)))
+    hr_f, lr_f = RowFile(pool / 'pool_hr.bin'), RowFile(pool / 'pool_lr.bin')
+    order = _order(len(hr_f), tr['iters'] + 1, cfg['train']['batch'], tr.get('seed', 0))
+    t0 = time.time()
+    for it in range(1, tr['iters'] + 1):
+        idx = order[it - 1]
+        lq, gt = _to_float(lr_f.take(idx)), _to_float(hr_f.take(idx))
+        loss = nn.functional.l1_loss(net(lq), gt)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        if it % 100 == 0:
+            el = time.time() - t0
+            log(f'teacher it {it}/{tr["iters"]} l1 {loss.item():.4f} ETA {el / it * (tr["iters"] - it) / 60:.1f} min')
+    torch.save({'params': net.state_dict()}, path)
+    return path
+
+
+def precompute_teacher(cfg: dict, pool: Path, ckpt: Path, layers: list[str], cache: Path, threads: int) -> Path:
+    """Teacher outputs and the tapped features for every pool patch, fp16 row files (once)."""
+    from krdistill.features import FeatureRecorder
+    st = os.stat(ckpt)
+    key = _hash(dict(pool=pool.name, ckpt=str(Path(ckpt).resolve()), size=st.st_size, mtime=int(st.st_mtime),
+                     layers=layers, net=cfg['teacher']['network']))
+    folder = cache / f'teacher_{key}'
+    if (folder / 'done').exists():
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(threads)
+    net = ev.load_network(build_net(cfg['teacher']['network']), ckpt).eval()
+    lr_f = RowFile(pool / 'pool_lr.bin')
+    n = len(lr_f)
+    rec = FeatureRecorder(net, layers, key='kd.teacher_layers', detach=True)
+    files, bs = None, 32
+    names = ['out_t.bin'] + [f'feat_{name}.bin' for name in layers]
+    t0 = time.time()
+    with torch.no_grad():
+        for s in range(0, n, bs):
+            idx = np.arange(s, min(n, s + bs))
+            with rec:
+                out = net(_to_float(lr_f.take(idx)))
+            feats = rec.features()
+            if files is None:
+                shapes = [(n, ) + tuple(out.shape[1:])] + [(n, ) + tuple(f.shape[1:]) for f in feats]
+                files = []
+                for nm, shp in zip(names, shapes):
+                    files.append(np.memmap(folder / nm, np.float16, 'w+', shape=shp))
+                    with open(str(folder / nm) + '.json', 'w') as f:
+                        json.dump(dict(shape=list(shp), dtype='float16'), f)
+            for mm, t in zip(files, [out] + feats):
+                mm[s:s + len(idx)] = t.half().numpy()
+            if (s // bs) % 50 == 0:
+                el = time.time() - t0
+                log(f'teacher precompute {s + len(idx)}/{n} ETA {el / (s + len(idx)) * (n - s - len(idx)) / 60:.1f} min')
+    rec.remove()
+    for mm in files:
+        mm.flush()
+    del files
+    (folder / 'done').write_text('ok')
+    log(f'teacher precompute done in {time.time() - t0:.0f} s -> {folder}')
+    return folder
+
+
+# ============================================================================================ one job
+def _order(n: int, batches: int, batch: int, seed: int) -> np.ndarray:
+    """The per-seed batch order (the same for every method): concatenated permutations."""
+    rng = np.random.default_rng(10_000 + seed)
+    need = batches * batch
+    idx = np.concatenate([rng.permutation(n) for _ in range(math.ceil(need / n))])[:need]
+    return idx.reshape(batches, batch)
+
+
+def _status_kib(field: str) -> int:
+    try:
+        with open('/proc/self/status') as f:
+            for line in f:
+                if line.startswith(field + ':'):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def _reset_peak() -> None:
+    try:
+        with open('/proc/self/clear_refs', 'w') as f:
+            f.write('5')
+    except OSError:
+        pass
+
+
+def _psnr_y_only(net, pairs, scale) -> float:
+    from basicsr.metrics import calculate_psnr
+    vals = [calculate_psnr(ev.super_resolve(net, p['lr']), p['hr'], crop_border=scale, input_order='HWC',
+                           test_y_channel=True) for p in pairs]
+    return float(np.mean(vals))
+
+
+def _make_method(spec: dict, teacher, student):
+    """Distiller / MetaDistiller for a method spec (None for the student alone) and KRNet optimizer."""
+    from krdistill.distiller import Distiller
+    from krdistill.losses import kd_loss
+    m = spec['method_cfg']
+    tl, sl = spec['teacher_layers'], spec['student_layers']
+    out_w = m.get('output_kd')
+    out_loss = kd_loss.OutputKDLoss(loss_weight=float(out_w)) if out_w else None
+    if 'pair' in m:
+        pc = dict(m['pair'])
+        typ = pc.pop('type')
+        losses = []
+        for c_s, c_t in zip(spec['s_channels'], spec['t_channels']):
+            if typ == 'FitNetLoss':
+                losses.append(kd_loss.FitNetLoss(c_s, c_t, **pc))
+            else:
+                losses.append(getattr(kd_loss, typ)(**pc))
+        return Distiller(teacher, student, tl, sl, pair_losses=losses, output_loss=out_loss), None
+    if 'metakd' in m:
+        from krdistill.archs.krnet_arch import KRNet
+        from krdistill.losses.texture_loss import TextureWiseLoss
+        from krdistill.metakd import MetaDistiller
+        mk = m['metakd']
+        krnets = [KRNet(c_s, c_t, **mk.get('krnet', {})) for c_s, c_t in zip(spec['s_channels'], spec['t_channels'])]
+        mkd = MetaDistiller(teacher, student, tl, sl, krnets,
+                            texture_loss=TextureWiseLoss(loss_weight=float(mk.get('texture_weight', 1.0))),
+                            output_loss=out_loss, meta=mk.get('meta', {}))
+        oc = mk.get('optim_kr', {})
+        opt_kr = torch.optim.Adam(mkd.kr_parameters(), lr=float(oc.get('lr', 1e-4)),
+                                  betas=tuple(oc.get('betas', (0.9, 0.999))))
+        return mkd, opt_kr
+    if out_loss is not None:
+        return Distiller(teacher, student, [], [], output_loss=out_loss), None
+    return None, None
+
+
+@torch.no_grad()
+def _kr_stats(mkd, lq, feats_t) -> dict:
+    """KRNet statistics on one batch: texture-weight entropy (nats; log N = uniform) and the mean
+    |cosine| between the N kernels of a sample (0 = diverse, 1 = all the same)."""
+    _, feats_s = mkd.student_forward(lq)
+    ent, cos = [], []
+    for kr, fs, ft in zip(mkd.krnets, feats_s, feats_t):
+        o = kr(fs.detach(), ft)
+        a = o['weights'].clamp_min(1e-12)
+        ent.append(float(-(a * a.log()).sum(1).mean()))
+        k = o['kernels']
+        k = k.reshape(k.shape[0], k.shape[1], -1)
+        k = k / (k.norm(dim=-1, keepdim=True) + 1e-12)
+        c = (k @ k.transpose(1, 2)).abs()
+        nk = k.shape[1]
+        cos.append(float((c.sum((1, 2)) - c.diagonal(dim1=1, dim2=2).sum(1)).mean() / max(1, nk * (nk - 1))))
+    return dict(weight_entropy=ent, kernel_abs_cos=cos)
+
+
+def run_job(spec: dict) -> dict:
+    """Train one student for one (method, seed) and evaluate it; writes ``result.json``.
+
+    Runs in a worker process (or in-process when ``workers == 0``). ``spec['measure']``: only
+    time a few iterations (plain step and meta step separately) and return the timings.
+    """
+    torch.set_num_threads(spec['threads'])
+    run_dir = Path(spec['run_dir'])
+    measure = spec.get('measure')
+    if not measure and (run_dir / 'result.json').exists():
+        with open(run_dir / 'result.json') as f:
+            return json.load(f)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    iters, batch, seed = spec['iters'], spec['batch'], spec['seed']
+    pool, tcache = Path(spec['pool']), Path(spec['teacher_cache'])
+    hr_f, lr_f = RowFile(pool / 'pool_hr.bin'), RowFile(pool / 'pool_lr.bin')
+    m = spec['method_cfg']
+    needs_out = bool(m.get('output_kd'))
+    uses_feats = 'pair' in m or 'metakd' in m
+    out_f = RowFile(tcache / 'out_t.bin') if needs_out else None
+    feat_f = [RowFile(tcache / f'feat_{n}.bin') for n in spec['teacher_layers']] if uses_feats else []
+    if not uses_feats:
+        spec = dict(spec, teacher_layers=[], student_layers=[])
+
+    torch.manual_seed(seed)
+    student = build_net(spec['student_network'])  # same init for every method of a seed
+    teacher = build_net(spec['teacher_network'])   # hooks only: outputs/features come from the cache
+    torch.manual_seed(seed + 7919)
+    dist, opt_kr = _make_method(spec, teacher, student)
+    params = list(student.parameters())
+    extra = [p for p in dist.pair_losses.parameters()] if dist is not None and opt_kr is None else []
+    groups = [dict(params=params)] + ([dict(params=extra)] if extra else [])
+    opt = torch.optim.Adam(groups, lr=float(spec['lr']), betas=tuple(spec['betas']))
+    sched = _lr_schedule(opt, iters)
+    sched_kr = _lr_schedule(opt_kr, iters) if opt_kr is not None else None
+    is_meta = hasattr(dist, 'meta_step')
+    update = dist.meta['update'] if is_meta else None
+    order = _order(len(hr_f), iters + 1, batch, seed)
+
+    def get(it):
+        idx = order[it - 1]
+        lq, gt = _to_float(lr_f.take(idx)), _to_float(hr_f.take(idx))
+        # a placeholder when no output term uses it: None would make the distiller run the teacher
+        out_t = torch.from_numpy(out_f.take(idx)).float() if out_f is not None else torch.empty(0)
+        feats_t = [torch.from_numpy(f.take(idx)).float() for f in feat_f]
+        return lq, gt, out_t, feats_t
+
+    val_pairs = [] if measure else ev.load_pairs(spec['val']['hr'], spec['scale'], spec['val'].get('lr'))
+    curve, stats, meta_log = [], [], []
+    t_train = t_meta = 0.0
+    n_meta = 0
+    _reset_peak()
+    rss0 = _status_kib('VmRSS')
+    total = measure['iters'] if measure else iters
+    t_start = time.time()
+    step_times = []
+    for it in range(1, total + 1):
+        t0 = time.perf_counter()
+        lq, gt, out_t, feats_t = get(it)
+        if is_meta and (dist.is_meta_iter(it) or (measure and it > measure['iters'] - measure['meta'])):
+            tm = time.perf_counter()
+            lq_m, gt_m, _, _ = get(it + 1)
+            opt_kr.zero_grad(set_to_none=True)
+            info = dist.meta_step(lq, gt, lq_m, gt_m, out_t, feats_t, student_optimizer=opt)
+            opt_kr.step()
+            dt = time.perf_counter() - tm
+            t_meta += dt
+            n_meta += 1
+            if n_meta % 10 == 1:
+                meta_log.append(dict(it=it, l_meta=float(info['l_meta']), grad_norm=float(info['meta_grad_norm'])))
+        ts = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        if opt_kr is not None and update == 'joint':
+            opt_kr.zero_grad(set_to_none=True)
+        if dist is None:
+            sr = student(lq)
+            terms = {'l_pix': nn.functional.l1_loss(sr, gt)}
+            loss = terms['l_pix']
+        elif is_meta:
+            loss, terms, sr = dist.objective(lq, gt, out_t, feats_t)
+        else:
+            sr, feats_s = dist.student_forward(lq)
+            terms = {'l_pix': nn.functional.l1_loss(sr, gt)}
+            terms.update(dist.kd_terms(sr, feats_s, out_t, feats_t))
+            loss = torch.stack(list(terms.values())).sum()
+        if is_meta:
+            dist.backward(loss)
+        else:
+            loss.backward()
+        opt.step()
+        if opt_kr is not None and update == 'joint':
+            opt_kr.step()
+        sched.step()
+        if sched_kr is not None:
+            with warnings.catch_warnings():  # frozen / non-meta iterations: the schedule still advances
+                warnings.simplefilter('ignore', UserWarning)
+                sched_kr.step()
+        step_times.append(time.perf_counter() - ts)
+        t_train += time.perf_counter() - t0
+        if measure:
+            continue
+        if it % spec['log_every'] == 0 or it == iters:
+            row = dict(it=it, **{k: float(v.detach()) for k, v in terms.items()})
+            if is_meta:
+                row.update(_kr_stats(dist, lq, feats_t))
+            stats.append(row)
+        if it % spec['val_every'] == 0 or it == iters:
+            curve.append(dict(it=it, psnr=_psnr_y_only(student, val_pairs, spec['scale'])))
+            el = time.time() - t_start
+            log(f'  [{spec["name"]}] it {it}/{iters} loss {float(loss.detach()):.4f} val {curve[-1]["psnr"]:.3f} dB '
+                f'{t_train / it:.3f} s/it, job ETA {el / it * (iters - it) / 60:.1f} min')
+    peak = _status_kib('VmHWM')
+    if measure:
+        w = measure.get('warmup', 1)
+        plain = float(np.median(step_times[w:])) if len(step_times) > w else float(np.mean(step_times))
+        return dict(name=spec['name'], t_step=plain + (t_train - sum(step_times) - t_meta) / total,
+                    t_meta=(t_meta / n_meta) if n_meta else 0.0, peak_mib=peak / 1024)
+    torch.save({'params': student.state_dict()}, run_dir / 'student.pth')
+    res = dict(name=spec['name'], method=spec['method'], seed=seed, iters=iters, network=spec['student_network'],
+               params=sum(p.numel() for p in student.parameters()), s_per_iter=t_train / iters,
+               meta_steps=n_meta, s_per_meta_step=(t_meta / n_meta) if n_meta else None,
+               peak_rss_mib=peak / 1024, rss_start_mib=rss0 / 1024, curve=curve, stats=stats, meta_log=meta_log,
+               tests={})
+    for name, ts_ in spec['tests'].items():
+        res['tests'][name] = ev.evaluate(student, ev.load_pairs(ts_['hr'], spec['scale'], ts_.get('lr')),
+                                         spec['scale'])
+    tmp = run_dir / 'result.json.tmp'
+    with open(tmp, 'w') as f:
+        json.dump(res, f, indent=1)
+    os.replace(tmp, run_dir / 'result.json')
+    log(f'  [{spec["name"]}] done: ' + ', '.join(f'{k} {v["psnr"]:.3f} dB' for k, v in res['tests'].items()))
+    return res
+
+
+# ============================================================================================ plan
+def _cost(meas: dict, iters: int, every: int | None) -> float:
+    c = iters * meas['t_step']
+    if every:
+        c += iters / every * meas['t_meta']
+    return c
+
+
+def _lpt(costs: list[float], workers: int) -> float:
+    """Makespan of longest-first scheduling on ``workers`` machines."""
+    loads = [0.0] * max(1, workers)
+    for c in sorted(costs, reverse=True):
+        loads[loads.index(min(loads))] += c
+    return max(loads)
+
+
+def _every(mcfg: dict) -> int | None:
+    mk = mcfg.get('metakd')
+    if not mk:
+        return None
+    meta = mk.get('meta', {})
+    return meta.get('every', 1) if meta.get('update', 'meta') == 'meta' else None
+
+
+def make_plan(cfg: dict, meas: dict, overhead_s: float) -> dict:
+    """Choose the iterations so the whole run fits ``budget.minutes``; returns the plan."""
+    tr, bud = cfg['train'], cfg.get('budget', {})
+    workers = max(1, bud.get('workers', 2))
+    methods, seeds = cfg['methods'], tr['seeds']
+    abl = cfg.get('ablations') or {}
+    budget_s = bud.get('minutes', 1e9) * 60 - overhead_s
+    val_s = bud.get('val_seconds', 0.0)
+    job_s = bud.get('job_overhead_seconds', 0.0)  # process start, loading, final evaluation
+    abl_frac = abl.get('iters_fraction', 0.3)
+
+    def jobs_for(iters):
+        jobs = []
+        for m, mc in methods.items():
+            for s in seeds:
+                n_val = iters // tr['val_every'] + 1
+                jobs.append((m, s, iters, _cost(meas[m], iters, _every(mc)) + n_val * val_s + job_s))
+        ai = max(tr['val_every'], int(round(iters * abl_frac / 100)) * 100) if abl else 0
+        for v, vc in (abl.get('variants') or {}).items():
+            mc = _ablation_cfg(cfg, vc)
+            jobs.append((f'abl_{v}', abl.get('seed', 0), ai,
+                         _cost(meas[f'abl_{v}'], ai, _every(mc)) + (ai // tr['val_every'] + 1) * val_s + job_s))
+        return jobs, ai
+
+    iters = tr['iters']
+    step = tr.get('iters_step', 100)
+    while True:
+        jobs, ai = jobs_for(iters)
+        main_t = _lpt([j[3] for j in jobs if not j[0].startswith('abl_')], workers)
+        t = _lpt([j[3] for j in jobs], workers)
+        if t <= budget_s or iters - step < tr.get('min_iters', step):
+            break
+        iters -= step
+    return dict(iters=iters, ablation_iters=ai, predicted_train_s=t, predicted_main_s=main_t, overhead_s=overhead_s,
+                predicted_total_min=(t + overhead_s) / 60, workers=workers,
+                jobs=[dict(name=j[0], seed=j[1], iters=j[2], predicted_s=j[3]) for j in jobs])
+
+
+def _ablation_cfg(cfg: dict, vc: dict) -> dict:
+    base = copy.deepcopy(cfg['methods'][vc.get('method', 'metakd_exact')])
+    for sect in ('krnet', 'meta'):
+        if sect in vc:
+            base['metakd'].setdefault(sect, {}).update(vc[sect])
+    if 'texture_weight' in vc:
+        base['metakd']['texture_weight'] = vc['texture_weight']
+    return base
+
+
+# ============================================================================================ driver
+def _layers_info(cfg: dict) -> dict:
+    from krdistill.distiller import probe
+    kd = cfg['kd']
+    x = torch.rand(1, 3, 8, 8)
+    _, fs = probe(build_net(cfg['student']['network']), kd['student_layers'], x, 'kd.student_layers')
+    _, ft = probe(build_net(cfg['teacher']['network']), kd['teacher_layers'], x, 'kd.teacher_layers')
+    return dict(s_channels=[s[1] for s in fs], t_channels=[t[1] for t in ft])
+
+
+def _exec(specs: list[dict], workers: int, on_done=None) -> list[dict]:
+    results = [None] * len(specs)
+    if workers <= 0:
+        for i, s in enumerate(specs):
+            results[i] = run_job(s)
+            if on_done:
+                on_done(i, results[i])
+        return results
+    import multiprocessing as mp
+    kw = dict(max_workers=workers, mp_context=mp.get_context('spawn'))
+    if sys.version_info >= (3, 11):
+        kw['max_tasks_per_child'] = 1  # a fresh process per job: clean peak-memory numbers
+    with ProcessPoolExecutor(**kw) as ex:
+        futs = {ex.submit(run_job, s): i for i, s in enumerate(specs)}
+        for fut in as_completed(futs):
+            i = futs[fut]
+            results[i] = fut.result()
+            if on_done:
+                on_done(i, results[i])
+    return results
+
+
+def run(config: str | dict, data_root, out, teacher_ckpt: str | None = None, workers: int | None = None,
+        threads: int | None = None, budget_min: float | None = None, methods: list[str] | None = None,
+        seeds: list[int] | None = None, iters: int | None = None, no_ablations: bool = False,
+        plot: bool = True) -> dict:
+    """The whole benchmark (resumable). Returns the results dict (also ``out/results.json``)."""
+    t_begin = time.time()
+    cfg = copy.deepcopy(config) if isinstance(config, dict) else load_config(config)
+    data_root, out = Path(data_root), Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    bud = cfg.setdefault('budget', {})
+    if workers is not None:
+        bud['workers'] = workers
+    if threads is not None:
+        bud['threads'] = threads
+    if budget_min is not None:
+        bud['minutes'] = budget_min
+    if methods:
+        cfg['methods'] = {m: cfg['methods'][m] for m in methods}
+    if seeds:
+        cfg['train']['seeds'] = list(seeds)
+    if iters:
+        cfg['train']['iters'] = iters
+        cfg['train']['min_iters'] = min(iters, cfg['train'].get('min_iters', iters))
+    if no_ablations:
+        cfg['ablations'] = None
+    workers = bud.get('workers', 2)
+    threads = bud.get('threads', 1)
+    main_threads = max(1, workers) * threads
+    with open(out / 'config.json', 'w') as f:
+        json.dump(cfg, f, indent=1)
+    cache = out / 'cache'
+    scale = cfg['scale']
+    tests = {k: dict(hr=str(data_root / v['hr']), lr=str(data_root / v['lr']) if v.get('lr') else None)
+             for k, v in cfg['data']['test'].items()}
+    val = tests[cfg['data']['val']] if isinstance(cfg['data']['val'], str) else \
+        dict(hr=str(data_root / cfg['data']['val']['hr']), lr=str(data_root / cfg['data']['val']['lr']))
+
+    pool = build_pool(cfg, data_root, cache)
+    if teacher_ckpt is None and cfg['teacher'].get('checkpoint'):
+        teacher_ckpt = cfg['teacher']['checkpoint']
+    tpath = get_teacher(cfg, pool, out, teacher_ckpt, main_threads)
+    layers = list(cfg['kd']['teacher_layers'])
+    tcache = precompute_teacher(cfg, pool, tpath, layers, cache, main_threads)
+    info = _layers_info(cfg)
+
+    def spec(name, method, mcfg, seed, n_iters, measure=None):
+        return dict(name=name, method=method, method_cfg=mcfg, seed=seed, iters=n_iters, batch=cfg['train']['batch'],
+                    lr=cfg['train']['lr'], betas=cfg['train']['betas'], threads=threads, scale=scale,
+                    pool=str(pool), teacher_cache=str(tcache), teacher_layers=layers,
+                    student_layers=list(cfg['kd']['student_layers']), **info,
+                    student_network=cfg['student']['network'], teacher_network=cfg['teacher']['network'],
+                    tests=tests, val=val, val_every=cfg['train']['val_every'],
+                    log_every=cfg['train'].get('log_every', 100),
+                    run_dir=str(out / ('measure' if measure else 'runs') / name), measure=measure)
+
+    abl = cfg.get('ablations') or {}
+    variants = abl.get('variants') or {}
+    # ---------------------------------------------------------------- measure and plan
+    plan_path = out / 'plan.json'
+    plan_key = _hash(dict(cfg=cfg, teacher=str(tpath)))
+    plan = None
+    if plan_path.exists():
+        with open(plan_path) as f:
+            plan = json.load(f)
+        if plan.get('key') != plan_key:
+            plan = None
+    if plan is None:
+        mcfg = dict(cfg.get('measure', {}))
+        mi, mm = mcfg.get('iters', 6), mcfg.get('meta_steps', 2)
+        todo = [(m, mc) for m, mc in cfg['methods'].items()]
+        todo += [(f'abl_{v}', _ablation_cfg(cfg, vc)) for v, vc in variants.items()]
+        specs = [spec(n, n, mc, 0, mi + mm + 1, dict(iters=mi + mm, meta=mm if _every(mc) else 0, warmup=1))
+                 for n, mc in todo]
+        log(f'measuring {len(specs)} methods ({mi} plain + {mm} meta iterations each, {workers} x {threads}-thread jobs)')
+        meas = {specs[i]['name']: r for i, r in enumerate(_exec(specs, workers))}
+        for n, r in meas.items():
+            log(f'  {n:24s} step {r["t_step"]:.3f} s' + (f', meta step {r["t_meta"]:.3f} s' if r['t_meta'] else ''))
+        overhead = time.time() - t_begin + bud.get('eval_seconds', 0)
+        plan = make_plan(cfg, meas, overhead)
+        plan.update(key=plan_key, measured=meas)
+        with open(plan_path, 'w') as f:
+            json.dump(plan, f, indent=1)
+    log(f'PLAN: {len(plan["jobs"])} jobs, {plan["iters"]} iterations per student run'
+        + (f', ablations {plan["ablation_iters"]} iterations' if variants else '')
+        + f', predicted {plan["predicted_total_min"]:.0f} min in all ({plan["workers"]} workers x {threads} thread)')
+    for j in plan['jobs']:
+        log(f'  {j["name"]:22s} seed {j["seed"]} iters {j["iters"]:5d} predicted {j["predicted_s"] / 60:5.1f} min')
+
+    # ---------------------------------------------------------------- jobs
+    specs = []
+    for m, mc in cfg['methods'].items():
+        for s in cfg['train']['seeds']:
+            specs.append(spec(f'{m}_s{s}_i{plan["iters"]}', m, mc, s, plan['iters']))
+    for v, vc in variants.items():
+        s = abl.get('seed', 0)
+        specs.append(spec(f'abl_{v}_s{s}_i{plan["ablation_iters"]}', f'abl_{v}', _ablation_cfg(cfg, vc), s,
+                          plan['ablation_iters']))
+    pred = {j['name']: j['predicted_s'] for j in plan['jobs']}
+    costs = [pred.get(s_['method'], 1.0) for s_ in specs]
+    order = sorted(range(len(specs)), key=lambda i: (specs[i]['method'].startswith('abl_'), -costs[i]))
+    specs = [specs[i] for i in order]
+    costs = [costs[i] for i in order]
+    done_before = [i for i, s_ in enumerate(specs) if (Path(s_['run_dir']) / 'result.json').exists()]
+    if done_before:
+        log(f'resuming: {len(done_before)} of {len(specs)} runs already finished (reused, not retrained)')
+    remaining = sum(c for i, c in enumerate(costs) if i not in done_before)
+    t_jobs = time.time()
+    state = dict(left=remaining, n=len(done_before))
+
+    def on_done(i, r):
+        if i in done_before:
+            return
+        state['left'] -= costs[i]
+        state['n'] += 1
+        el = time.time() - t_jobs
+        done_cost = remaining - state['left']
+        eta = el / done_cost * state['left'] if done_cost > 0 else float('nan')
+        log(f'[{state["n"]}/{len(specs)}] {specs[i]["name"]} finished; elapsed {el / 60:.1f} min, '
+            f'ETA {eta / 60:.1f} min (finish ~{time.strftime("%H:%M", time.localtime(time.time() + eta))})')
+
+    results = _exec(specs, workers, on_done)
+    for s_, r in zip(specs, results):
+        r['_dir'] = s_['run_dir']
+    runs = {s_['name']: r for s_, r in zip(specs, results)}
+
+    # ---------------------------------------------------------------- reference rows
+    ref_path = out / 'reference.json'
+    if ref_path.exists():
+        with open(ref_path) as f:
+            ref = json.load(f)
+    else:
+        torch.set_num_threads(main_threads)
+        teacher = ev.load_network(build_net(cfg['teacher']['network']), tpath)
+        ref = dict(bicubic={}, teacher={}, teacher_params=sum(p.numel() for p in teacher.parameters()))
+        for k, t in tests.items():
+            pairs = ev.load_pairs(t['hr'], scale, t['lr'])
+            ref['bicubic'][k] = ev.evaluate(None, pairs, scale)
+            ref['teacher'][k] = ev.evaluate(teacher, pairs, scale)
+        with open(ref_path, 'w') as f:
+            json.dump(ref, f, indent=1)
+    summary = summarize(cfg, plan, runs, ref)
+    with open(out / 'results.json', 'w') as f:
+        json.dump(dict(summary=summary, runs=runs, reference=ref, plan=plan), f, indent=1)
+    md = format_markdown(summary)
+    (out / 'results.md').write_text(md)
+    if plot:
+        plot_curves(summary, runs, out / 'curves.png')
+        plot_visual(cfg, summary, runs, tests, out / 'visual.png', scale)
+    log(f'done in {(time.time() - t_begin) / 60:.1f} min; {out / "results.md"}')
+    print(md, flush=True)
+    return dict(summary=summary, runs=runs, reference=ref, plan=plan)
+
+
+# ============================================================================================ summary
+def _ms(vals):
+    vals = np.asarray(vals, np.float64)
+    return dict(mean=float(vals.mean()), std=float(vals.std(ddof=1)) if len(vals) > 1 else 0.0, n=len(vals),
+                values=[float(v) for v in vals])
+
+
+def summarize(cfg, plan, runs, ref) -> dict:
+    tests = list(cfg['data']['test'])
+    by_method: dict[str, list] = {}
+    for r in runs.values():
+        by_method.setdefault(r['method'], []).append(r)
+    rows = [dict(method='bicubic', **{f'{t}_{k}': _ms([ref['bicubic'][t][k]]) for t in tests for k in ('psnr', 'ssim')}),
+            dict(method='teacher', params=ref['teacher_params'],
+                 **{f'{t}_{k}': _ms([ref['teacher'][t][k]]) for t in tests for k in ('psnr', 'ssim')})]
+    alone = {r['seed']: r for r in by_method.get('student_alone', [])}
+    paired = {}
+    for m in cfg['methods']:
+        rs = sorted(by_method.get(m, []), key=lambda r: r['seed'])
+        if not rs:
+            continue
+        row = dict(method=m, seeds=[r['seed'] for r in rs], iters=rs[0]['iters'], params=rs[0]['params'],
+                   s_per_iter=_ms([r['s_per_iter'] for r in rs]), peak_rss_mib=max(r['peak_rss_mib'] for r in rs))
+        for t in tests:
+            for k in ('psnr', 'ssim'):
+                row[f'{t}_{k}'] = _ms([r['tests'][t][k] for r in rs])
+        if m != 'student_alone' and alone:
+            paired[m] = {t: _ms([r['tests'][t]['psnr'] - alone[r['seed']]['tests'][t]['psnr'] for r in rs
+                                 if r['seed'] in alone]) for t in tests}
+        ml = [x for r in rs for x in r.get('meta_log', [])]
+        if ml:
+            row['meta_grad_norm'] = float(np.median([x['grad_norm'] for x in ml]))
+        rows.append(row)
+    abl_rows = []
+    for r in sorted(runs.values(), key=lambda r: r['method']):
+        if not r['method'].startswith('abl_'):
+            continue
+        ab = dict(variant=r['method'][4:], iters=r['iters'], seed=r['seed'], s_per_iter=r['s_per_iter'],
+                  **{t: r['tests'][t]['psnr'] for t in tests})
+        last = r['stats'][-1] if r.get('stats') else {}
+        for k in ('weight_entropy', 'kernel_abs_cos'):
+            if k in last:
+                ab[k] = float(np.mean(last[k]))
+        if r.get('meta_log'):
+            ab['meta_grad_norm'] = float(np.median([x['grad_norm'] for x in r['meta_log']]))
+        if 'l_texture' in last:
+            ab['l_texture'] = last['l_texture']
+        abl_rows.append(ab)
+    hand = [r for r in rows if r['method'] in HANDCRAFTED]
+    meta = [r for r in rows if r['method'].startswith('metakd')]
+    score = lambda r: np.mean([r[f'{t}_psnr']['mean'] for t in tests])  # noqa: E731
+    best_base = max(hand, key=score)['method'] if hand else None
+    best_meta = max(meta, key=score)['method'] if meta else None
+    targets = {}
+    if best_meta and alone:
+        mrow = next(r for r in rows if r['method'] == best_meta)
+        arow = next(r for r in rows if r['method'] == 'student_alone')
+        brow = next((r for r in rows if r['method'] == best_base), None)
+        for t in tests:
+            d_alone = mrow[f'{t}_psnr']['mean'] - arow[f'{t}_psnr']['mean']
+            d_base = mrow[f'{t}_psnr']['mean'] - brow[f'{t}_psnr']['mean'] if brow else None
+            spread = max(mrow[f'{t}_psnr']['std'], arow[f'{t}_psnr']['std'], brow[f'{t}_psnr']['std'] if brow else 0)
+            targets[t] = dict(vs_alone=d_alone, vs_best_baseline=d_base, spread=spread,
+                              met=bool(d_alone >= 0.15 and (d_base is None or d_base >= 0.05)
+                                       and min(d_alone, d_base if d_base is not None else d_alone) > spread))
+    return dict(tests=tests, rows=rows, paired=paired, ablations=abl_rows, best_baseline=best_base,
+                best_metakd=best_meta, targets=targets, iters=plan['iters'], ablation_iters=plan['ablation_iters'])
+
+
+def _pm(d, fmt='{:.3f}'):
+    if d['n'] > 1:
+        return (fmt + ' ± ' + fmt).format(d['mean'], d['std'])
+    return fmt.format(d['mean'])
+
+
+def format_markdown(s: dict) -> str:
+    tests = s['tests']
+    header = ['method'] + [f'{t} PSNR' for t in tests] + [f'{t} SSIM' for t in tests] + \
+        ['params', 's/iter', 'peak RSS (MiB)', 'seeds']
+    rows = []
+    for r in s['rows']:
+        rows.append([METHOD_LABELS.get(r['method'], r['method'])] + [_pm(r[f'{t}_psnr']) for t in tests] +
+                    [_pm(r[f'{t}_ssim'], '{:.4f}') for t in tests] +
+                    [f'{r["params"] / 1e6:.3f} M' if r.get('params') else '–',
+                     _pm(r['s_per_iter']) if 's_per_iter' in r else '–',
+                     f'{r["peak_rss_mib"]:.0f}' if 'peak_rss_mib' in r else '–', len(r.get('seeds', [])) or '–'])
+    out = [f'Student runs: {s["iters"]} iterations each; mean ± std over seeds (std with ddof=1).', '',
+           ev.markdown_table(header, rows), '']
+    if s['paired']:
+        out += ['Paired differences against the same-seed student alone (Y-PSNR, dB; mean ± std over seeds):', '',
+                ev.markdown_table(['method'] + tests, [[METHOD_LABELS.get(m, m)] + [_pm(d[t], '{:+.3f}') for t in tests]
+                                                       for m, d in s['paired'].items()]), '']
+    if s['targets']:
+        out += [f'Targets for {METHOD_LABELS.get(s["best_metakd"])} (best hand-crafted: '
+                f'{METHOD_LABELS.get(s["best_baseline"])}):', '',
+                ev.markdown_table(['set', 'vs alone (>= +0.15)', 'vs best baseline (>= +0.05)', 'seed spread', 'met'],
+                                  [[t, f'{d["vs_alone"]:+.3f}',
+                                    f'{d["vs_best_baseline"]:+.3f}' if d['vs_best_baseline'] is not None else '–',
+                                    f'{d["spread"]:.3f}', 'yes' if d['met'] else 'no']
+                                   for t, d in s['targets'].items()]), '']
+    if s['ablations']:
+        keys = ['weight_entropy', 'kernel_abs_cos', 'meta_grad_norm', 'l_texture']
+        out += [f'Ablations (1 seed, {s["ablation_iters"]} iterations; Y-PSNR dB):', '',
+                ev.markdown_table(['variant'] + tests + ['s/iter'] + keys,
+                                  [[a['variant']] + [f'{a[t]:.3f}' for t in tests] + [f'{a["s_per_iter"]:.3f}'] +
+                                   [f'{a[k]:.3g}' if k in a else '–' for k in keys] for a in s['ablations']]), '']
+    return '\n'.join(out)
+
+
+# ============================================================================================ plots
+def plot_curves(s: dict, runs: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=90)
+    by: dict[str, list] = {}
+    for r in runs.values():
+        if not r['method'].startswith('abl_') and r.get('curve'):
+            by.setdefault(r['method'], []).append(r['curve'])
+    for m, curves in by.items():
+        its = [c['it'] for c in curves[0]]
+        n = min(len(c) for c in curves)
+        v = np.array([[p['psnr'] for p in c[:n]] for c in curves])
+        line, = ax.plot(its[:n], v.mean(0), label=METHOD_LABELS.get(m, m), lw=1.2)
+        if len(curves) > 1:
+            ax.fill_between(its[:n], v.min(0), v.max(0), color=line.get_color(), alpha=0.2)
+    ax.set_xlabel('iteration')
+    ax.set_ylabel('validation Y-PSNR (dB)')
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    all_v = [p['psnr'] for cs in by.values() for c in cs for p in c]
+    if all_v:
+        hi = max(all_v)
+        ax.set_ylim(max(min(all_v), hi - 2.0), hi + 0.1)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _best_crop(hr: np.ndarray, bic: np.ndarray, size: int) -> tuple[int, int]:
+    err = np.abs(hr.astype(np.float32) - bic.astype(np.float32)).mean(2)
+    h, w = err.shape
+    size = min(size, h, w)
+    best, pos = -1, (0, 0)
+    for y in range(0, h - size + 1, max(1, size // 4)):
+        for x in range(0, w - size + 1, max(1, size // 4)):
+            e = err[y:y + size, x:x + size].mean()
+            if e > best:
+                best, pos = e, (y, x)
+    return pos
+
+
+def plot_visual(cfg: dict, s: dict, runs: dict, tests: dict, path: Path, scale: int) -> None:
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    vis = cfg.get('visual', {})
+    size = vis.get('crop', 96)
+    seed = min(r['seed'] for r in runs.values())
+    cols = [('HR', None), ('bicubic', 'bicubic'), ('student alone', 'student_alone')]
+    if s['best_baseline']:
+        cols.append((METHOD_LABELS[s['best_baseline']], s['best_baseline']))
+    if s['best_metakd']:
+        cols.append((METHOD_LABELS[s['best_metakd']], s['best_metakd']))
+    nets = {}
+    for _, m in cols:
+        if m and m != 'bicubic':
+            r = next((r for r in runs.values() if r['method'] == m and r['seed'] == seed), None)
+            if r is not None:
+                nets[m] = ev.load_network(build_net(r['network']), Path(r['_dir']) / 'student.pth') if '_dir' in r \
+                    else None
+    images = vis.get('images')
+    chosen = []
+    for t, tc in tests.items():
+        pairs = ev.load_pairs(tc['hr'], scale, tc['lr'])
+        for p in pairs:
+            if images is None or f'{t}/{p["name"]}' in images:
+                chosen.append((t, p))
+    if images is None:
+        chosen = chosen[:3]
+    fig, axes = plt.subplots(len(chosen), len(cols), figsize=(1.6 * len(cols), 1.75 * len(chosen)), dpi=90,
+                             squeeze=False)
+    for i, (t, p) in enumerate(chosen):
+        bic = ev.bicubic_upscale(p['lr'], scale)
+        y, x = _best_crop(p['hr'], bic, size)
+        for j, (label, m) in enumerate(cols):
+            if m is None:
+                img = p['hr']
+            elif m == 'bicubic':
+                img = bic
+            elif nets.get(m) is not None:
+                img = ev.super_resolve(nets[m], p['lr'])
+            else:
+                img = np.zeros_like(p['hr'])
+            crop = img[y:y + size, x:x + size]
+            ax = axes[i, j]
+            ax.imshow(crop[:, :, ::-1], interpolation='nearest')
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if m is not None:
+                ps, _ = ev.y_psnr_ssim(img, p['hr'], scale)
+                ax.set_xlabel(f'{ps:.2f} dB', fontsize=7)
+            if i == 0:
+                ax.set_title(label, fontsize=7)
+            if j == 0:
+                ax.set_ylabel(f'{t}/{p["name"]}', fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+# ============================================================================================ CLI
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description='MetaKD vs hand-crafted KD benchmark (resumable; see BENCHMARKS.md).')
+    p.add_argument('-opt', '--config', required=True, help='benchmark config YAML (options/bench/*.yml)')
+    p.add_argument('--data-root', required=True, help='folder holding the data sets named in the config')
+    p.add_argument('--out', required=True, help='run folder (reused on a second call: finished runs are kept)')
+    p.add_argument('--teacher', default=None, help='teacher checkpoint ({"params": ...}); default: config '
+                   'teacher.checkpoint, else train one with teacher.train')
+    p.add_argument('--workers', type=int, default=None, help='parallel worker processes (0: in-process)')
+    p.add_argument('--threads', type=int, default=None, help='torch threads per worker')
+    p.add_argument('--budget-min', type=float, default=None, help='wall-time budget (minutes) for the plan')
+    p.add_argument('--methods', nargs='+', default=None, help='subset of the config methods')
+    p.add_argument('--seeds', nargs='+', type=int, default=None)
+    p.add_argument('--iters', type=int, default=None, help='iterations per student run (upper bound of the plan)')
+    p.add_argument('--no-ablations', action='store_true')
+    return p
+
+
+def main(argv=None) -> dict:
+    a = build_parser().parse_args(argv)
+    return run(a.config, a.data_root, a.out, teacher_ckpt=a.teacher, workers=a.workers, threads=a.threads,
+               budget_min=a.budget_min, methods=a.methods, seeds=a.seeds, iters=a.iters, no_ablations=a.no_ablations)
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,22 @@
+#!/usr/bin/env python
+"""MetaKD vs hand-crafted KD benchmark, one command, resumable (logic: :mod:`krdistill.benchmark`).
+
+Example (the CPU protocol of BENCHMARKS.md; ~90 min on a 2-core machine)::
+
+    python tools/benchmark.py -opt options/bench/cpu_x4.yml --data-root ../shared/data \\
+        --teacher ../shared/models/EDSR_f64b16_x4_T91BSD200_cpu.pth --out experiments/bench_cpu_x4
+
+A second call with the same ``--out`` reuses the patch pool, the teacher cache, the plan and
+every finished run.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
+
+from krdistill.benchmark import main  # noqa: E402  (imports krdistill first: shims before basicsr)
+
+if __name__ == '__main__':
+    main()
