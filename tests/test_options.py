@@ -32,7 +32,8 @@ from krdistill.models.kd_model import KD_KEYS, KDSRModel, build_kd_loss
 
 REPO = Path(__file__).resolve().parents[1]
 OPTIONS = REPO / 'options'
-OPTION_FILES = sorted(OPTIONS.rglob('*.yml'))
+# options/bench/ holds the benchmark tool's own protocol files (checked in tests/test_benchmark.py)
+OPTION_FILES = sorted(p for p in OPTIONS.rglob('*.yml') if 'bench' not in p.relative_to(OPTIONS).parts)
 IDS = [p.relative_to(REPO).as_posix() for p in OPTION_FILES]
 
 #: model types that distil from a teacher even before their class is importable here
@@ -399,3 +400,26 @@ def test_metakd_block(path):
     if 'fd_eps' in meta:
         eps = meta['fd_eps']
         assert isinstance(eps, (int, float)) and eps > 0, f'meta.fd_eps: > 0, got {eps!r}'
+
+
+BENCH_FILES = sorted((OPTIONS / 'bench').glob('*.yml'))
+
+
+@pytest.mark.parametrize('path', BENCH_FILES, ids=[p.name for p in BENCH_FILES])
+def test_bench_protocol_files(path):
+    """The benchmark's own protocol files load and every method names real losses and KRNet options."""
+    from krdistill.archs.krnet_arch import KRNet
+    from krdistill.benchmark import build_net, load_config
+    from krdistill.losses import kd_loss
+    from krdistill.metakd import check_meta_options
+    cfg = load_config(path)
+    build_net(copy.deepcopy(cfg['student']['network']))
+    assert len(cfg['kd']['teacher_layers']) == len(cfg['kd']['student_layers'])
+    for name, m in cfg['methods'].items():
+        if 'pair' in m:
+            pc = dict(m['pair'])
+            cls = getattr(kd_loss, pc.pop('type'))
+            (cls(8, 8, **pc) if cls is kd_loss.FitNetLoss else cls(**pc))
+        if 'metakd' in m:
+            KRNet(8, 8, **m['metakd'].get('krnet', {}))
+            check_meta_options(m['metakd'].get('meta', {}), key=f'{path.name}: methods.{name}.metakd.meta')
