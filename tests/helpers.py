@@ -111,3 +111,19 @@ def tiny_metakd_opt(tmp_path: Path, meta: dict | None = None, **train_extra) -> 
     opt['meta'] = {**dict(every=1, mode='exact', inner_lr=None, precond='none', update='meta', fd_eps=0.01),
                    **(meta or {})}
     return opt
+
+
+def cpu_data_parallel(net):
+    """An ``nn.DataParallel`` around a CPU module on any machine.
+
+    With GPUs present, ``nn.DataParallel(net)`` insists on the module living on ``cuda:0``;
+    without device ids it simply calls the module, which is what these wrapper tests need.
+    """
+    from torch import nn
+    dp = nn.DataParallel.__new__(nn.DataParallel)
+    nn.Module.__init__(dp)
+    dp.module = net
+    dp.device_ids = []
+    dp.output_device = None
+    dp.src_device_obj = torch.device('cpu')
+    return dp

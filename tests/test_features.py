@@ -1,9 +1,9 @@
 """FeatureRecorder: records the module output, only inside its context, clear errors, hooks removed."""
 import pytest
 import torch
-from torch import nn
 
 import krdistill  # noqa: F401
+from helpers import cpu_data_parallel
 from basicsr.archs.edsr_arch import EDSR
 from basicsr.archs.rcan_arch import RCAN
 from basicsr.archs.rrdbnet_arch import RRDBNet
@@ -68,7 +68,7 @@ def test_hooks_removed():
 
 def test_wrapped_network_is_unwrapped():
     net = _edsr()
-    wrapped = nn.DataParallel(net)
+    wrapped = cpu_data_parallel(net)
     assert unwrap(wrapped) is net
     rec = FeatureRecorder(wrapped, ['body.0'])
     with rec:

@@ -1,5 +1,4 @@
 """The meta update (krdistill.meta) on a tiny student and a tiny KRNet, float64."""
-import warnings
 
 import pytest
 import torch
@@ -7,6 +6,7 @@ from torch import nn
 from torch.func import functional_call
 from torch.nn import functional as F
 
+from helpers import cpu_data_parallel
 from krdistill.archs.krnet_arch import KRNet
 from krdistill.features import FeatureRecorder, unwrap
 from krdistill.losses.texture_loss import texture_wise_loss
@@ -236,9 +236,7 @@ def test_adamw_amsgrad_preconditioner():
 def test_data_parallel_wrapper(mode):
     s = Setup()
     ref, _ = s.meta(mode=mode)
-    with warnings.catch_warnings():
-        warnings.simplefilter('ignore')
-        dp = nn.DataParallel(s.student)
+    dp = cpu_data_parallel(s.student)
     got, _ = meta_gradient(dp, lambda p: s.student_loss(p, dp), lambda p: s.meta_loss(p, dp), s.phi(), lr=LR,
                            mode=mode)
     for a, b in zip(ref, got):

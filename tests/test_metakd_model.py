@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from helpers import save_teacher, tiny_metakd_opt
+from helpers import cpu_data_parallel, save_teacher, tiny_metakd_opt
 from basicsr.data import build_dataset
 from basicsr.models import build_model
 from krdistill.features import unwrap
@@ -129,7 +129,7 @@ def test_wrapped_student_uses_bare_model(tmp_path):
     model = build_model(opt)
     model.feed_data(_batch(opt))
     bare = model.net_g
-    model.net_g = nn.DataParallel(bare)  # what BaseModel.model_to_device does with several GPUs
+    model.net_g = cpu_data_parallel(bare)  # what BaseModel.model_to_device does with several GPUs
     model.distiller.student = model.net_g
     s0 = _snapshot(bare)
     model.optimize_parameters(1)
