@@ -285,8 +285,25 @@ class MetaKD:
         self.distiller = MetaDistiller(teacher, student, t_layers, s_layers, krnets, texture_loss=texture_loss,
                                        pixel_loss=pixel_loss, output_loss=output_loss, meta=self.meta,
                                        keys=keys).to(device)
-        self.krnets = self.distiller.krnets
-        self.optimizer_kr = build_optimizer(optim_kr, self.distiller.kr_parameters(), 'optim_kr')
+        self._setup(self.distiller, build_optimizer(optim_kr, self.distiller.kr_parameters(), 'optim_kr'), meta_data)
+
+    @classmethod
+    def from_distiller(cls, distiller: MetaDistiller, optimizer_kr, meta_data: Iterable | None = None) -> 'MetaKD':
+        """Drive an already built :class:`~krdistill.metakd.MetaDistiller` and KRNet optimizer.
+
+        For framework front ends that build KRNets and losses from their own registries (BasicSR's
+        ``MetaKDModel``): the iteration logic stays this class's.
+        """
+        self = cls.__new__(cls)
+        self.pairs = list(zip(distiller.teacher_layers, distiller.student_layers))
+        self.meta = distiller.meta
+        self._setup(distiller, optimizer_kr, meta_data)
+        return self
+
+    def _setup(self, distiller: MetaDistiller, optimizer_kr, meta_data: Iterable | None) -> None:
+        self.distiller = distiller
+        self.krnets = distiller.krnets
+        self.optimizer_kr = optimizer_kr
         self.set_meta_data(meta_data)
         self._calls = 0               # meta_update calls: the iteration counter when no `it` is given
         self._batch = None            # (lq, gt) of the current iteration
@@ -326,6 +343,14 @@ class MetaKD:
         if self._batch is None or self._batch[0] is not lq:
             self._prev_batch, self._batch = self._batch, (lq, gt)
 
+    def forget_batch(self) -> None:
+        """Do not use the current batch as the next meta fallback (e.g. its loss was not finite)."""
+        self._batch = self._prev_batch
+
+    def end_iteration(self) -> None:
+        """Drop the cached teacher output and features of this batch (memory)."""
+        self._t_cache = None
+
     def next_meta_batch(self, lq: torch.Tensor, gt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The meta batch for the current ``(lq, gt)``: from ``meta_data`` if set, else the previous
         training batch, else (first iteration) the current one."""
@@ -362,7 +387,8 @@ class MetaKD:
         return self.distiller.is_meta_iter(it)
 
     def meta_update(self, lq: torch.Tensor, gt: torch.Tensor, lq_meta: torch.Tensor | None = None,
-                    gt_meta: torch.Tensor | None = None, *, student_optimizer=None, it: int | None = None) -> dict:
+                    gt_meta: torch.Tensor | None = None, *, student_optimizer=None, it: int | None = None,
+                    step_if: Callable[[dict], bool] | None = None) -> dict:
         """The meta update of the KRNets; call it once per iteration, before the student step.
 
         Runs when ``is_meta_iter(it)`` (``it``: 1-based iteration; default: the number of calls so
@@ -374,6 +400,8 @@ class MetaKD:
             student_optimizer: the student's optimizer (or an mmengine ``OptimWrapper``); its current
                 lr is the virtual step size unless ``meta.inner_lr`` is set, and ``meta.precond: adam``
                 reads its state.
+            step_if: ``info -> bool``, called after the meta gradient is set; the KRNet step is
+                taken only if it returns True (e.g. a non-finite guard).
 
         Returns:
             ``{}`` on other iterations, else detached scalars ``l_meta``, ``meta_grad_norm``, ``t_meta``.
@@ -391,7 +419,8 @@ class MetaKD:
         self.optimizer_kr.zero_grad(set_to_none=True)
         info = self.distiller.meta_step(lq, gt, lq_meta, gt_meta, out_t, feats_t,
                                         student_optimizer=_raw_optimizer(student_optimizer))
-        self.optimizer_kr.step()
+        if step_if is None or step_if(info):
+            self.optimizer_kr.step()
         return info
 
     def grad_inputs(self) -> list[torch.Tensor]:
@@ -400,16 +429,17 @@ class MetaKD:
         return self.distiller.grad_inputs()
 
     def backward(self, loss: torch.Tensor,
-                 backward: Callable[..., None] | None = None) -> None:
+                 backward: Callable[..., None] | None = None, step_if: Callable[[], bool] | None = None) -> None:
         """Backward of the student objective into :meth:`grad_inputs` only.
 
         KRNet gradients are cleared first; with ``update='joint'`` the KRNets are stepped here on
         ``grad_phi L_S``. ``backward(loss, inputs=...)``: your own backward (e.g. an AMP scaler's or
-        mmengine's ``optim_wrapper.backward``). The caller steps the student's optimizer.
+        mmengine's ``optim_wrapper.backward``). ``step_if``: ``() -> bool``, the joint KRNet step is
+        taken only if it returns True. The caller steps the student's optimizer.
         """
         self.optimizer_kr.zero_grad(set_to_none=True)
         (backward or _default_backward)(loss, inputs=self.grad_inputs())
-        if self.meta['update'] == 'joint':
+        if self.meta['update'] == 'joint' and (step_if is None or step_if()):
             self.optimizer_kr.step()
 
     def train_step(self, lq: torch.Tensor, gt: torch.Tensor, student_optimizer, lq_meta: torch.Tensor | None = None,
@@ -427,7 +457,7 @@ class MetaKD:
         total, terms, _ = self.loss(lq, gt)
         self.backward(total, backward)
         student_optimizer.step()
-        self._t_cache = None  # do not hold the teacher's features until the next batch
+        self.end_iteration()  # do not hold the teacher's features until the next batch
         logs = OrderedDict(l_total=total.detach())
         logs.update((k, v.detach()) for k, v in terms.items())
         logs.update(info)

@@ -142,7 +142,7 @@ def test_meta_dataset_is_used(tmp_path):
     opt = tiny_metakd_opt(tmp_path)
     opt['datasets']['meta'] = dict(copy.deepcopy(opt['datasets']['train']), name='meta', phase='meta')
     model = build_model(opt)
-    assert model._meta_iter is not None
+    assert model.mkd._meta_iter is not None
     model.feed_data(_batch(opt))
     model.optimize_parameters(1)
     assert 'l_meta' in model.get_current_log()

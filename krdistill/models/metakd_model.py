@@ -14,21 +14,22 @@ Adds to :class:`~krdistill.models.kd_model.KDSRModel` (teacher, hooks, checks):
 - ``datasets.meta`` (optional): the meta batches; without it the previous training batch is
   used (the current one at the first iteration).
 
-The work is done by the framework-free :class:`krdistill.metakd.MetaDistiller`; this class only
-wires options, optimizers, data and checkpoints. Logs: ``l_pix``, ``l_texture``, ``l_meta``,
-``meta_grad_norm``, ``t_meta`` (seconds spent in the meta step).
+The work is done by the framework-free code: the maths by :class:`krdistill.metakd.MetaDistiller`,
+the iteration (teacher once per batch, meta batch, meta step, student backward) by
+:class:`krdistill.api.MetaKD`, the same object a plain PyTorch loop uses. This class only wires
+options, optimizers, data, non-finite checks, DDP and checkpoints. Logs: ``l_pix``, ``l_texture``,
+``l_meta``, ``meta_grad_norm``, ``t_meta`` (seconds spent in the meta step).
 """
 from __future__ import annotations
 
 import copy
-import itertools
 
-import torch
 from basicsr.archs import build_network
 from basicsr.data import build_dataloader, build_dataset
 from basicsr.utils import get_root_logger
 from basicsr.utils.registry import ARCH_REGISTRY, MODEL_REGISTRY
 
+from ..api import MetaKD
 from ..metakd import MetaDistiller, check_meta_options
 from .kd_model import KDSRModel, build_kd_loss
 
@@ -77,8 +78,7 @@ class MetaKDModel(KDSRModel):
             self._load_kd_state()  # net_kr_<iter>.pth of the resumed iteration
         elif load_path:
             self.load_network(self.net_kr, load_path, opt['path'].get('strict_load_kr', True), 'params')
-        self._meta_iter = None
-        self._prev_batch = None
+        self._meta_loader = None
         self._build_meta_loader()
 
     def _build_meta_loader(self) -> None:
@@ -98,7 +98,6 @@ class MetaKDModel(KDSRModel):
         loader = build_dataloader(dataset, ds_opt, num_gpu=self.opt['num_gpu'], dist=False, sampler=None,
                                   seed=self.opt.get('manual_seed'))
         self._meta_loader = loader
-        self._meta_iter = iter(itertools.chain.from_iterable(itertools.repeat(loader)))
         get_root_logger().info(f'MetaKD: meta batches from datasets.meta ({len(dataset)} images)')
 
     def setup_optimizers(self):
@@ -107,44 +106,50 @@ class MetaKDModel(KDSRModel):
         optim_type = optim_opt.pop('type')
         self.optimizer_kr = self.get_optimizer(optim_type, self.distiller.kr_parameters(), **optim_opt)
         self.optimizers.append(self.optimizer_kr)
+        # the iteration logic (teacher once per batch, meta batch, meta step, student backward) is the
+        # framework-free front end's; this class adds BasicSR's options, checks and checkpoints
+        self.mkd = MetaKD.from_distiller(self.distiller, self.optimizer_kr, meta_data=self._meta_loader)
 
     def kd_parameters(self) -> list:
         return []  # KRNet parameters have their own optimizer
 
     # ----------------------------------------------------------------- training
-    def _meta_batch(self):
-        if self._meta_iter is not None:
-            data = next(self._meta_iter)
-            return data['lq'].to(self.device), data['gt'].to(self.device)
-        if self._prev_batch is not None:
-            return self._prev_batch
-        return self.lq, self.gt
-
     def optimize_parameters(self, current_iter):
-        dist = self.distiller
-        out_t, feats_t = dist.teacher_forward(self.lq)
-        log = {}
-        if dist.is_meta_iter(current_iter):
-            lq_m, gt_m = self._meta_batch()
-            self.optimizer_kr.zero_grad(set_to_none=True)
-            info = dist.meta_step(self.lq, self.gt, lq_m, gt_m, out_t, feats_t, student_optimizer=self.optimizer_g)
-            if self.check_finite(info['l_meta'], {'l_meta': info['l_meta']}, current_iter, 'meta loss') and \
-                    self.check_finite_grads(self.optimizer_kr, current_iter, 'KRNet meta'):
-                self.optimizer_kr.step()
-            log.update(info)
-        self.optimizer_g.zero_grad(set_to_none=True)
-        self.optimizer_kr.zero_grad(set_to_none=True)
-        l_total, terms, self.output = dist.objective(self.lq, self.gt, out_t, feats_t)
-        if self.check_finite(l_total, terms, current_iter, 'student loss'):
-            dist.backward(l_total)
-            if dist.meta['update'] == 'joint':
-                self.sync_training_only(grads=True)
-            if self.check_finite_grads(self.optimizer_g, current_iter, 'student') and \
-                    self.check_finite_grads(self.optimizer_kr, current_iter, 'KRNet'):
-                self.optimizer_g.step()
-                if dist.meta['update'] == 'joint':
-                    self.optimizer_kr.step()
-                self._prev_batch = (self.lq, self.gt)  # a good batch: the next meta step's fallback
+        mkd = self.mkd
+        joint = mkd.meta['update'] == 'joint'
+
+        def meta_ok(info):  # take the KRNet meta step only with a finite loss and gradients
+            return self.check_finite(info['l_meta'], {'l_meta': info['l_meta']}, current_iter, 'meta loss') and \
+                self.check_finite_grads(self.optimizer_kr, current_iter, 'KRNet meta')
+
+        ok = False
+        try:
+            log = mkd.meta_update(self.lq, self.gt, student_optimizer=self.optimizer_g, it=current_iter,
+                                  step_if=meta_ok)
+            self.optimizer_g.zero_grad(set_to_none=True)
+            l_total, terms, self.output = mkd.loss(self.lq, self.gt)
+            if self.check_finite(l_total, terms, current_iter, 'student loss'):
+                checked = {}
+
+                def backward(loss, inputs):
+                    loss.backward(inputs=inputs)
+                    if joint:  # KRNets are outside DDP: average their gradients before the step
+                        self.sync_training_only(grads=True)
+
+                def grads_ok():
+                    if 'ok' not in checked:
+                        checked['ok'] = self.check_finite_grads(self.optimizer_g, current_iter, 'student') and \
+                            self.check_finite_grads(self.optimizer_kr, current_iter, 'KRNet')
+                    return checked['ok']
+
+                mkd.backward(l_total, backward=backward, step_if=grads_ok)
+                ok = grads_ok()
+                if ok:
+                    self.optimizer_g.step()
+        finally:
+            if not ok:
+                mkd.forget_batch()  # a bad batch is no meta batch for the next iteration
+            mkd.end_iteration()
         terms.update(log)
         self.log_dict = self.reduce_loss_dict(terms)
         if self.ema_decay > 0:
