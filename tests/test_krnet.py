@@ -196,3 +196,31 @@ def test_torch_only():
     import krdistill.archs.krnet_arch as m
     src = open(m.__file__).read()
     assert 'basicsr' not in src.replace('BasicSR', '')
+
+
+def test_unfold_texture_equals_grouped_conv_to_second_order():
+    """The per-sample texture op equals the grouped-convolution definition, also in its gradients
+    of gradients (what the exact meta step differentiates)."""
+    import torch.nn.functional as F
+    from krdistill.archs.krnet_arch import _unfold_texture
+    g = torch.Generator().manual_seed(0)
+    b, c, n, k, h, w = 2, 3, 4, 3, 5, 6
+    x = torch.randn(b, c, h + k - 1, w + k - 1, generator=g, dtype=torch.float64, requires_grad=True)
+    ker = torch.randn(b, n, k * k, generator=g, dtype=torch.float64, requires_grad=True)
+
+    def grouped(x, ker):
+        weight = ker.view(b, n, k, k).unsqueeze(1).expand(b, c, n, k, k).reshape(b * c * n, 1, k, k)
+        out = F.conv2d(x.reshape(1, b * c, h + k - 1, w + k - 1), weight, groups=b * c)
+        return out.view(b, c, n, h, w).transpose(1, 2)
+
+    ref, got = grouped(x, ker), _unfold_texture(x, ker, k, h, w)
+    torch.testing.assert_close(got, ref)
+    v = torch.randn_like(ref)
+    gx_r, gk_r = torch.autograd.grad((ref * v).sum(), (x, ker), create_graph=True)
+    gx_g, gk_g = torch.autograd.grad((got * v).sum(), (x, ker), create_graph=True)
+    torch.testing.assert_close(gx_g, gx_r)
+    torch.testing.assert_close(gk_g, gk_r)
+    hh_r = torch.autograd.grad((gx_r ** 2).sum() + (gk_r ** 2).sum(), (x, ker))
+    hh_g = torch.autograd.grad((gx_g ** 2).sum() + (gk_g ** 2).sum(), (x, ker))
+    for a, r in zip(hh_g, hh_r):
+        torch.testing.assert_close(a, r)

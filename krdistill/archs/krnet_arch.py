@@ -36,6 +36,21 @@ def _normalize_taps(raw: Tensor, dim: int, eps: float) -> Tensor:
     return w * torch.rsqrt(w.pow(2).sum(dim=dim, keepdim=True) + eps)
 
 
+def _unfold_texture(padded: Tensor, kernels: Tensor, k: int, h: int, w: int) -> Tensor:
+    """Per-sample depthwise correlation as unfold + batched matmul: ``B x C x (H+k-1) x (W+k-1)``
+    maps and ``B x N x k*k`` kernels -> ``B x N x C x H x W``.
+
+    Same result as one grouped ``F.conv2d`` with the batch folded into the channels, but its
+    double backward (the exact meta step) is a few batched matmuls instead of PyTorch's
+    per-group loop over ``B x C`` tiny convolutions (H200, EDSR-L -> EDSR, 4 points: exact meta
+    step 0.89 s -> 0.08 s; BENCHMARKS.md, "Step cost"), at the price of keeping the unfolded
+    input (k*k times the padded maps) for backward.
+    """
+    b, c = padded.shape[:2]
+    cols = F.unfold(padded, k).view(b, c, k * k, h * w)
+    return torch.einsum('bckl,bnk->bncl', cols, kernels).reshape(b, kernels.shape[1], c, h, w)
+
+
 class KRNet(nn.Module):
     r"""Knowledge representation network for one teacher/student distillation point.
 
@@ -277,9 +292,6 @@ class KRNet(nn.Module):
             cols = F.unfold(both, k).view(b, c2, taps, h, w)
             tex = torch.einsum('bckhw,bnkhw->bnchw', cols, kernels)
         else:
-            # Batch folded into channels: group (b, c) sees one channel and emits N maps.
-            weight = kernels.unsqueeze(1).expand(b, c2, n, k, k).reshape(b * c2 * n, 1, k, k)
-            out = F.conv2d(both.reshape(1, b * c2, h + 2 * pad, w + 2 * pad), weight, groups=b * c2)
-            tex = out.view(b, c2, n, h, w).transpose(1, 2)
+            tex = _unfold_texture(both, kernels.reshape(b, n, taps), k, h, w)
         tex_s, tex_t = tex.split(self.width, dim=2)
         return {'tex_s': tex_s, 'tex_t': tex_t, 'weights': weights, 'kernels': kernels}
