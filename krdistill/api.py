@@ -48,22 +48,13 @@ from torch.nn import functional as F
 from .archs.krnet_arch import KRNet
 from .distiller import probe
 from .features import unwrap
-from .losses.kd_loss import OutputKDLoss
+from .losses.kd_loss import _REDUCTIONS, OutputKDLoss, _reduce
 from .losses.texture_loss import TextureWiseLoss
 from .metakd import MetaDistiller, check_meta_options
 
 __all__ = ['MetaKD', 'L1Loss', 'MSELoss', 'CharbonnierLoss', 'OPTIMIZERS', 'LOSSES', 'ARCHS',
            'build_optimizer', 'build_module']
 
-_REDUCTIONS = ('mean', 'sum', 'none')
-
-
-def _reduce(loss: torch.Tensor, reduction: str) -> torch.Tensor:
-    if reduction == 'mean':
-        return loss.mean()
-    if reduction == 'sum':
-        return loss.sum()
-    return loss
 
 
 class _PixelLoss(nn.Module):
