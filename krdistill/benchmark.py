@@ -43,6 +43,7 @@ from torch import nn
 
 import krdistill  # noqa: F401  (shims before basicsr)
 from krdistill import evaluation as ev
+from krdistill.memprobe import reset_peak_rss, status_kib
 
 __all__ = ['load_config', 'run', 'main', 'METHOD_LABELS']
 
@@ -268,25 +269,6 @@ def _order(n: int, batches: int, batch: int, seed: int) -> np.ndarray:
     return idx.reshape(batches, batch)
 
 
-def _status_kib(field: str) -> int:
-    try:
-        with open('/proc/self/status') as f:
-            for line in f:
-                if line.startswith(field + ':'):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
-
-
-def _reset_peak() -> None:
-    try:
-        with open('/proc/self/clear_refs', 'w') as f:
-            f.write('5')
-    except OSError:
-        pass
-
-
 def _psnr_y_only(net, pairs, scale) -> float:
     from basicsr.metrics import calculate_psnr
     vals = [calculate_psnr(ev.super_resolve(net, p['lr']), p['hr'], crop_border=scale, input_order='HWC',
@@ -400,8 +382,8 @@ def run_job(spec: dict) -> dict:
     curve, stats, meta_log = [], [], []
     t_train = t_meta = 0.0
     n_meta = 0
-    _reset_peak()
-    rss0 = _status_kib('VmRSS')
+    reset_peak_rss()
+    rss0 = (status_kib('VmRSS') or 0)
     total = measure['iters'] if measure else iters
     t_start = time.time()
     step_times = []
@@ -460,7 +442,7 @@ def run_job(spec: dict) -> dict:
             el = time.time() - t_start
             log(f'  [{spec["name"]}] it {it}/{iters} loss {float(loss.detach()):.4f} val {curve[-1]["psnr"]:.3f} dB '
                 f'{t_train / it:.3f} s/it, job ETA {el / it * (iters - it) / 60:.1f} min')
-    peak = _status_kib('VmHWM')
+    peak = (status_kib('VmHWM') or 0)
     if measure:
         w = measure.get('warmup', 1)
         plain = float(np.median(step_times[w:])) if len(step_times) > w else float(np.mean(step_times))

@@ -74,6 +74,7 @@ from pathlib import Path
 import torch
 
 import krdistill  # noqa: F401  (shims before basicsr, registers models / archs / losses)
+from krdistill.memprobe import reset_peak_rss, status_kib
 
 __all__ = ['PRESETS', 'METHODS', 'DEFAULT_METHODS', 'build_options', 'measure_method', 'run', 'format_table',
            'format_phases', 'check_targets', 'build_parser', 'main']
@@ -247,19 +248,8 @@ def make_batch(cfg: dict) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 # ---------------------------------------------------------------------------- memory probes
-def _status_kib(field: str) -> int | None:
-    try:
-        with open('/proc/self/status') as f:
-            for line in f:
-                if line.startswith(field + ':'):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
 def _rss_kib() -> int:
-    rss = _status_kib('VmRSS')
+    rss = status_kib('VmRSS')
     if rss is not None:
         return rss
     # no /proc (not Linux): ru_maxrss is the best available (bytes on macOS)
@@ -267,19 +257,9 @@ def _rss_kib() -> int:
     return r // 1024 if sys.platform == 'darwin' else r
 
 
-def _reset_peak_rss() -> bool:
-    """Reset the process's peak RSS (``VmHWM``); False where the kernel does not allow it."""
-    try:
-        with open('/proc/self/clear_refs', 'w') as f:
-            f.write('5')
-        return True
-    except OSError:
-        return False
-
-
 def _peak_rss_kib(reset_ok: bool) -> int:
     if reset_ok:
-        hwm = _status_kib('VmHWM')
+        hwm = status_kib('VmHWM')
         if hwm is not None:
             return hwm
     r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -517,7 +497,7 @@ class _Bench:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats(self.device)
         else:
-            self.reset_ok = _reset_peak_rss()
+            self.reset_ok = reset_peak_rss()
         self.timer.on = True
 
     def run_cycle(self) -> float:
