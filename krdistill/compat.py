@@ -21,7 +21,10 @@ Shims:
 5. ``basicsr.train.create_train_val_dataloader`` rejects dataset phases other than train/val.
    MetaKD's optional ``datasets.meta`` is built by the model itself, so it is hidden from
    that function. The wrapper also runs :func:`krdistill.preflight.check_datasets` first
-   (missing, empty, mismatched or corrupt image folders fail before anything is built).
+   (missing, empty, mismatched or corrupt image folders fail before anything is built), and
+   on resume makes the train sampler skip the batches of the resumed epoch that were trained
+   on before the checkpoint (BasicSR restarts that epoch from its first batch; see
+   ``krdistill/resume.py``, which also explains the random states the models save).
 6. ``basicsr.utils.dist_util._init_dist_pytorch`` calls ``torch.cuda.set_device`` and uses
    NCCL; on a machine without CUDA (CPU runs under ``torchrun``, tests) it uses the gloo
    backend and skips the device selection instead.
@@ -88,6 +91,8 @@ def load_resume_state(opt: dict):
         raise FileNotFoundError(f'path.resume_state: no such file: {resume_state_path}')
     resume_state = torch.load(resume_state_path, map_location=resume_map_location(opt), weights_only=False)
     check_resume(opt, resume_state['iter'])
+    # where the data stream stopped: the train loader built next skips what that epoch already used
+    opt['resume_point'] = {'epoch': int(resume_state['epoch']), 'iter': int(resume_state['iter'])}
     return resume_state
 
 
@@ -123,9 +128,19 @@ def _hide_model_datasets(func):
         check_datasets(opt)  # clear errors before anything is built (see krdistill/preflight.py)
         hidden = {k: opt['datasets'].pop(k) for k in list(opt['datasets']) if k.split('_')[0] in MODEL_DATASET_PHASES}
         try:
-            return func(opt, logger)
+            result = func(opt, logger)
         finally:
             opt['datasets'].update(hidden)
+        point = opt.get('resume_point')
+        train_loader, train_sampler = result[0], result[1]
+        if point and train_loader is not None and train_sampler is not None:
+            from .resume import skip_consumed_batches
+            n = skip_consumed_batches(train_loader, point['epoch'], point['iter'],
+                                      opt['datasets']['train']['batch_size_per_gpu'])
+            if n:
+                logger.info(f'Resuming mid-epoch: epoch {point["epoch"]} continues after the {n} of its '
+                            f'{len(train_loader)} batches trained on before iter {point["iter"]}.')
+        return result
 
     create_train_val_dataloader._krdistill_wrapped = True
     return create_train_val_dataloader

@@ -40,6 +40,7 @@ from basicsr.models.sr_model import SRModel
 from basicsr.utils import get_root_logger
 from basicsr.utils.registry import ARCH_REGISTRY, LOSS_REGISTRY, MODEL_REGISTRY
 
+from .. import resume as exact_resume
 from ..distiller import Distiller, probe
 
 KD_KEYS = ('teacher_layers', 'student_layers')
@@ -315,6 +316,7 @@ class KDSRModel(SRModel):
         if bad:
             raise FloatingPointError(f'refusing to save non-finite student weights ({bad[:3]} ...) at iter '
                                      f'{current_iter}')
+        self._extra_states = self._gather_extra_states()  # every rank takes part; rank 0 writes them
         if self.opt.get('rank', 0) != 0:
             return  # BasicSR saves on the master rank only
         paths = self.opt['path']
@@ -337,6 +339,57 @@ class KDSRModel(SRModel):
                 os.replace(osp.join(tmp[k], name), osp.join(final[k], name))
             os.rmdir(tmp[k])
 
+    # ----------------------------------------------------------------- exact resume
+    def extra_training_state(self) -> dict:
+        """What this rank adds to the training state besides optimizers and schedulers: its
+        random generator states (see ``krdistill/resume.py``). Subclasses extend it."""
+        return {'rng': exact_resume.rng_state()}
+
+    def _gather_extra_states(self) -> list:
+        state = self.extra_training_state()
+        if self.opt.get('dist') and torch.distributed.is_available() and torch.distributed.is_initialized():
+            state = _to_cpu(state)
+            states = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(states, state)
+            return states
+        return [state]
+
+    def save_training_state(self, epoch, current_iter):
+        """BasicSR's training state (epoch, iter, optimizers, schedulers) plus ``krdistill``: one
+        :meth:`extra_training_state` per rank. Errors are raised, not retried and ignored."""
+        if current_iter == -1:
+            return
+        extra = getattr(self, '_extra_states', None) or [self.extra_training_state()]
+        state = {'epoch': epoch, 'iter': current_iter, 'optimizers': [o.state_dict() for o in self.optimizers],
+                 'schedulers': [s.state_dict() for s in self.schedulers], 'krdistill': {'ranks': extra}}
+        torch.save(state, osp.join(self.opt['path']['training_states'], f'{current_iter}.state'))
+
+    def resume_training(self, resume_state):
+        """Optimizers and schedulers (BasicSR), then this rank's :meth:`extra_training_state`."""
+        super().resume_training(resume_state)
+        ranks = (resume_state.get('krdistill') or {}).get('ranks') or []
+        rank = self.opt.get('rank', 0)
+        if len(ranks) != self.opt.get('world_size', 1):
+            get_root_logger().warning(
+                f'resume: the training state holds {len(ranks)} rank state(s) for world size '
+                f'{self.opt.get("world_size", 1)} (written by another setup or an older krdistill); random '
+                'states are not restored, so batches after the resume differ from an uninterrupted run.')
+            return
+        self.load_extra_training_state(ranks[rank])
+
+    def load_extra_training_state(self, state: dict) -> None:
+        """Restore :meth:`extra_training_state`. Python's and NumPy's generators at once (the next
+        batch is augmented with them), torch's at the first :meth:`feed_data`."""
+        exact_resume.restore_host_rng(state['rng'])
+        self._pending_torch_rng = state['rng']
+
+    def feed_data(self, data):
+        pending = getattr(self, '_pending_torch_rng', None)
+        if pending is not None:
+            exact_resume.restore_torch_rng(pending)
+            self._pending_torch_rng = None
+        super().feed_data(data)
+
     def _load_kd_state(self) -> None:
         """On resume, load ``net_<label>_<iter>.pth`` written next to ``net_g_<iter>.pth``."""
         resume = self.opt['path'].get('resume_state')
@@ -349,3 +402,14 @@ class KDSRModel(SRModel):
                 raise FileNotFoundError(f'path.resume_state: {resume} has no net_{label} state {load_path} beside it')
             self.load_network(net, load_path, strict=True, param_key='params')
             get_root_logger().info(f'Resumed training-only network net_{label} from {load_path}')
+
+
+def _to_cpu(obj):
+    """``obj`` with every tensor moved to the CPU (for ``all_gather_object``)."""
+    if torch.is_tensor(obj):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_cpu(v) for v in obj)
+    return obj

@@ -158,3 +158,16 @@ class MetaKDModel(KDSRModel):
     # ----------------------------------------------------------------- saving
     def training_only_networks(self) -> dict:
         return {'kr': self.net_kr}
+
+    def extra_training_state(self) -> dict:
+        """Random states plus the meta fallback state (the last training batch: the next
+        iteration's meta batch when there is no ``datasets.meta``)."""
+        return dict(super().extra_training_state(), meta_state=self.mkd.meta_state_dict())
+
+    def load_extra_training_state(self, state: dict) -> None:
+        super().load_extra_training_state(state)
+        if 'meta_state' in state:
+            meta = state['meta_state']
+            if 'last_batch' in meta:
+                meta = dict(meta, last_batch=[t.to(self.device) for t in meta['last_batch']])
+            self.mkd.load_meta_state_dict(meta)
