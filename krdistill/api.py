@@ -423,15 +423,16 @@ class MetaKD:
                  backward: Callable[..., None] | None = None, step_if: Callable[[], bool] | None = None) -> None:
         """Backward of the student objective into :meth:`grad_inputs` only.
 
-        KRNet gradients are cleared first; with ``update='joint'`` the KRNets are stepped here on
-        ``grad_phi L_S``. ``backward(loss, inputs=...)``: your own backward (e.g. an AMP scaler's or
+        KRNet gradients are cleared first; the KRNet parameters trained on the student objective
+        (all with ``update='joint'``, the adapters with ``adapters: joint|student``) are stepped
+        here on their ``grad L_S``. ``backward(loss, inputs=...)``: your own backward (e.g. an AMP scaler's or
         mmengine's ``optim_wrapper.backward``). ``step_if``: ``() -> bool``, the joint KRNet step is
         taken only if it returns True. The caller steps the student's optimizer.
         """
         self.optimizer_kr.zero_grad(set_to_none=True)
         (backward or _default_backward)(loss, inputs=self.grad_inputs())
-        if self.meta['update'] == 'joint' and (step_if is None or step_if()):
-            self.optimizer_kr.step()
+        if self.distiller.joint_kr_parameters() and (step_if is None or step_if()):
+            self.optimizer_kr.step()  # only the joint parameters have gradients
 
     def train_step(self, lq: torch.Tensor, gt: torch.Tensor, student_optimizer, lq_meta: torch.Tensor | None = None,
                    gt_meta: torch.Tensor | None = None, *, it: int | None = None,

@@ -50,9 +50,9 @@ __all__ = ['load_config', 'run', 'main', 'METHOD_LABELS']
 METHOD_LABELS = {
     'bicubic': 'bicubic', 'teacher': 'teacher', 'student_alone': 'student alone', 'output_kd': 'output KD',
     'fitnet': 'FitNet', 'at': 'AT', 'fakd': 'FAKD', 'metakd_exact': 'MetaKD (exact)',
-    'metakd_fd': 'MetaKD (finite difference)'
+    'metakd_fd': 'MetaKD (finite difference)', 'fitnet_out': 'FitNet + output KD'
 }
-HANDCRAFTED = ('output_kd', 'fitnet', 'at', 'fakd')
+HANDCRAFTED = ('output_kd', 'fitnet', 'at', 'fakd', 'fitnet_out')
 
 
 def log(*a):
@@ -121,7 +121,8 @@ class RowFile:
 def build_pool(cfg: dict, data_root: Path, cache: Path) -> Path:
     """The fixed patch pool: ``pool_hr`` (N x 3 x g x g) and ``pool_lr`` uint8 RGB, from ``pool.seed``."""
     scale, pc = cfg['scale'], cfg['pool']
-    key = _hash(dict(pool=pc, data=cfg['data'], scale=scale))
+    # only what the patches depend on (not the test/val sets: another evaluation reuses the pool)
+    key = _hash(dict(pool=pc, train_hr=cfg['data']['train_hr'], exclude=cfg['data'].get('exclude', []), scale=scale))
     folder = cache / f'pool_{key}'
     if (folder / 'done').exists():
         return folder
@@ -173,8 +174,8 @@ def _dihedral(img: np.ndarray, t: int) -> np.ndarray:
     return np.ascontiguousarray(img)
 
 
-def _to_float(x: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(x).float().div_(255.)
+def _to_float(x: np.ndarray, device='cpu') -> torch.Tensor:
+    return torch.from_numpy(x).to(device).float().div_(255.)
 
 
 # ============================================================================================ teacher
@@ -182,7 +183,7 @@ def _lr_schedule(opt, iters, eta_min=0.0):
     return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=iters, eta_min=eta_min)
 
 
-def get_teacher(cfg: dict, pool: Path, out: Path, teacher_ckpt: str | None, threads: int) -> Path:
+def get_teacher(cfg: dict, pool: Path, out: Path, teacher_ckpt: str | None, threads: int, device='cpu') -> Path:
     """The teacher checkpoint: the given file, or one trained here on the pool (resumable)."""
     if teacher_ckpt:
         return Path(teacher_ckpt)
@@ -194,7 +195,7 @@ def get_teacher(cfg: dict, pool: Path, out: Path, teacher_ckpt: str | None, thre
     tr = tc['train']
     torch.set_num_threads(threads)
     torch.manual_seed(tr.get('seed', 0))
-    net = build_net(tc['network'])
+    net = build_net(tc['network']).to(device)
     opt = torch.optim.Adam(net.parameters(), lr=float(tr['lr']), betas=tuple(cfg['train']['betas']))
     sched = _lr_schedule(opt, tr['iters'], float(tr.get('eta_min', 0)))
     hr_f, lr_f = RowFile(pool / 'pool_hr.bin'), RowFile(pool / 'pool_lr.bin')
@@ -202,7 +203,7 @@ def get_teacher(cfg: dict, pool: Path, out: Path, teacher_ckpt: str | None, thre
     t0 = time.time()
     for it in range(1, tr['iters'] + 1):
         idx = order[it - 1]
-        lq, gt = _to_float(lr_f.take(idx)), _to_float(hr_f.take(idx))
+        lq, gt = _to_float(lr_f.take(idx), device), _to_float(hr_f.take(idx), device)
         loss = nn.functional.l1_loss(net(lq), gt)
         opt.zero_grad()
         loss.backward()
@@ -215,18 +216,19 @@ def get_teacher(cfg: dict, pool: Path, out: Path, teacher_ckpt: str | None, thre
     return path
 
 
-def precompute_teacher(cfg: dict, pool: Path, ckpt: Path, layers: list[str], cache: Path, threads: int) -> Path:
+def precompute_teacher(cfg: dict, pool: Path, ckpt: Path, layers: list[str], cache: Path, threads: int,
+                       device='cpu') -> Path:
     """Teacher outputs and the tapped features for every pool patch, fp16 row files (once)."""
     from krdistill.features import FeatureRecorder
-    st = os.stat(ckpt)
-    key = _hash(dict(pool=pool.name, ckpt=str(Path(ckpt).resolve()), size=st.st_size, mtime=int(st.st_mtime),
-                     layers=layers, net=cfg['teacher']['network']))
+    with open(ckpt, 'rb') as f:  # the weights, not the file's path or date: a moved cache stays valid
+        digest = hashlib.sha256(f.read()).hexdigest()
+    key = _hash(dict(pool=pool.name, ckpt=digest, layers=layers, net=cfg['teacher']['network']))
     folder = cache / f'teacher_{key}'
     if (folder / 'done').exists():
         return folder
     folder.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(threads)
-    net = ev.load_network(build_net(cfg['teacher']['network']), ckpt).eval()
+    net = ev.load_network(build_net(cfg['teacher']['network']), ckpt).eval().to(device)
     lr_f = RowFile(pool / 'pool_lr.bin')
     n = len(lr_f)
     rec = FeatureRecorder(net, layers, key='kd.teacher_layers', detach=True)
@@ -237,7 +239,7 @@ def precompute_teacher(cfg: dict, pool: Path, ckpt: Path, layers: list[str], cac
         for s in range(0, n, bs):
             idx = np.arange(s, min(n, s + bs))
             with rec:
-                out = net(_to_float(lr_f.take(idx)))
+                out = net(_to_float(lr_f.take(idx), device))
             feats = rec.features()
             if files is None:
                 shapes = [(n, ) + tuple(out.shape[1:])] + [(n, ) + tuple(f.shape[1:]) for f in feats]
@@ -247,7 +249,7 @@ def precompute_teacher(cfg: dict, pool: Path, ckpt: Path, layers: list[str], cac
                     with open(str(folder / nm) + '.json', 'w') as f:
                         json.dump(dict(shape=list(shp), dtype='float16'), f)
             for mm, t in zip(files, [out] + feats):
-                mm[s:s + len(idx)] = t.half().numpy()
+                mm[s:s + len(idx)] = t.half().cpu().numpy()
             if (s // bs) % 50 == 0:
                 el = time.time() - t0
                 log(f'teacher precompute {s + len(idx)}/{n} ETA {el / (s + len(idx)) * (n - s - len(idx)) / 60:.1f} min')
@@ -269,9 +271,9 @@ def _order(n: int, batches: int, batch: int, seed: int) -> np.ndarray:
     return idx.reshape(batches, batch)
 
 
-def _psnr_y_only(net, pairs, scale) -> float:
+def _psnr_y_only(net, pairs, scale, device='cpu') -> float:
     from basicsr.metrics import calculate_psnr
-    vals = [calculate_psnr(ev.super_resolve(net, p['lr']), p['hr'], crop_border=scale, input_order='HWC',
+    vals = [calculate_psnr(ev.super_resolve(net, p['lr'], device), p['hr'], crop_border=scale, input_order='HWC',
                            test_y_channel=True) for p in pairs]
     return float(np.mean(vals))
 
@@ -301,7 +303,8 @@ def _make_method(spec: dict, teacher, student):
         mk = m['metakd']
         krnets = [KRNet(c_s, c_t, **mk.get('krnet', {})) for c_s, c_t in zip(spec['s_channels'], spec['t_channels'])]
         mkd = MetaDistiller(teacher, student, tl, sl, krnets,
-                            texture_loss=TextureWiseLoss(loss_weight=float(mk.get('texture_weight', 1.0))),
+                            texture_loss=TextureWiseLoss(loss_weight=float(mk.get('texture_weight', 1.0)),
+                                                         **mk.get('texture', {})),  # criterion, eps
                             output_loss=out_loss, meta=mk.get('meta', {}))
         oc = mk.get('optim_kr', {})
         opt_kr = torch.optim.Adam(mkd.kr_parameters(), lr=float(oc.get('lr', 1e-4)),
@@ -314,13 +317,16 @@ def _make_method(spec: dict, teacher, student):
 
 @torch.no_grad()
 def _kr_stats(mkd, lq, feats_t) -> dict:
-    """KRNet statistics on one batch: texture-weight entropy (nats; log N = uniform) and the mean
-    |cosine| between the N kernels of a sample (0 = diverse, 1 = all the same)."""
+    """KRNet statistics on one batch: texture-weight entropy (nats; log N = uniform), the mean
+    |cosine| between the N kernels of a sample (0 = diverse, 1 = all the same) and the total
+    texture weight (the learned gain; 1 without ``gain``)."""
     _, feats_s = mkd.student_forward(lq)
-    ent, cos = [], []
+    ent, cos, gain = [], [], []
     for kr, fs, ft in zip(mkd.krnets, feats_s, feats_t):
         o = kr(fs.detach(), ft)
-        a = o['weights'].clamp_min(1e-12)
+        total = o['weights'].sum(1, keepdim=True)  # the gain (1 without KRNet(gain=True))
+        gain.append(float(total.mean()))
+        a = (o['weights'] / total).clamp_min(1e-12)
         ent.append(float(-(a * a.log()).sum(1).mean()))
         k = o['kernels']
         k = k.reshape(k.shape[0], k.shape[1], -1)
@@ -328,7 +334,7 @@ def _kr_stats(mkd, lq, feats_t) -> dict:
         c = (k @ k.transpose(1, 2)).abs()
         nk = k.shape[1]
         cos.append(float((c.sum((1, 2)) - c.diagonal(dim1=1, dim2=2).sum(1)).mean() / max(1, nk * (nk - 1))))
-    return dict(weight_entropy=ent, kernel_abs_cos=cos)
+    return dict(weight_entropy=ent, kernel_abs_cos=cos, texture_gain=gain)
 
 
 def run_job(spec: dict) -> dict:
@@ -355,11 +361,16 @@ def run_job(spec: dict) -> dict:
     if not uses_feats:
         spec = dict(spec, teacher_layers=[], student_layers=[])
 
+    device = torch.device(spec.get('device') or 'cpu')
+    sync = torch.cuda.synchronize if device.type == 'cuda' else (lambda: None)
     torch.manual_seed(seed)
-    student = build_net(spec['student_network'])  # same init for every method of a seed
+    student = build_net(spec['student_network'])  # same init for every method of a seed (made on the CPU)
     teacher = build_net(spec['teacher_network'])   # hooks only: outputs/features come from the cache
     torch.manual_seed(seed + 7919)
     dist, opt_kr = _make_method(spec, teacher, student)
+    student.to(device)
+    if dist is not None:
+        dist.to(device)  # parameters move in place: the KRNet optimizer keeps them
     params = list(student.parameters())
     extra = [p for p in dist.pair_losses.parameters()] if dist is not None and opt_kr is None else []
     groups = [dict(params=params)] + ([dict(params=extra)] if extra else [])
@@ -367,15 +378,15 @@ def run_job(spec: dict) -> dict:
     sched = _lr_schedule(opt, iters)
     sched_kr = _lr_schedule(opt_kr, iters) if opt_kr is not None else None
     is_meta = hasattr(dist, 'meta_step')
-    update = dist.meta['update'] if is_meta else None
+    joint_kr = bool(dist.joint_kr_parameters()) if is_meta else False  # KRNet params stepped on L_S
     order = _order(len(hr_f), iters + 1, batch, seed)
 
     def get(it):
         idx = order[it - 1]
-        lq, gt = _to_float(lr_f.take(idx)), _to_float(hr_f.take(idx))
+        lq, gt = _to_float(lr_f.take(idx), device), _to_float(hr_f.take(idx), device)
         # a placeholder when no output term uses it: None would make the distiller run the teacher
-        out_t = torch.from_numpy(out_f.take(idx)).float() if out_f is not None else torch.empty(0)
-        feats_t = [torch.from_numpy(f.take(idx)).float() for f in feat_f]
+        out_t = torch.from_numpy(out_f.take(idx)).to(device).float() if out_f is not None else torch.empty(0)
+        feats_t = [torch.from_numpy(f.take(idx)).to(device).float() for f in feat_f]
         return lq, gt, out_t, feats_t
 
     val_pairs = [] if measure else ev.load_pairs(spec['val']['hr'], spec['scale'], spec['val'].get('lr'))
@@ -396,6 +407,7 @@ def run_job(spec: dict) -> dict:
             opt_kr.zero_grad(set_to_none=True)
             info = dist.meta_step(lq, gt, lq_m, gt_m, out_t, feats_t, student_optimizer=opt)
             opt_kr.step()
+            sync()
             dt = time.perf_counter() - tm
             t_meta += dt
             n_meta += 1
@@ -403,7 +415,7 @@ def run_job(spec: dict) -> dict:
                 meta_log.append(dict(it=it, l_meta=float(info['l_meta']), grad_norm=float(info['meta_grad_norm'])))
         ts = time.perf_counter()
         opt.zero_grad(set_to_none=True)
-        if opt_kr is not None and update == 'joint':
+        if joint_kr:
             opt_kr.zero_grad(set_to_none=True)
         if dist is None:
             sr = student(lq)
@@ -421,13 +433,14 @@ def run_job(spec: dict) -> dict:
         else:
             loss.backward()
         opt.step()
-        if opt_kr is not None and update == 'joint':
+        if joint_kr:
             opt_kr.step()
         sched.step()
         if sched_kr is not None:
             with warnings.catch_warnings():  # frozen / non-meta iterations: the schedule still advances
                 warnings.simplefilter('ignore', UserWarning)
                 sched_kr.step()
+        sync()
         step_times.append(time.perf_counter() - ts)
         t_train += time.perf_counter() - t0
         if measure:
@@ -438,7 +451,7 @@ def run_job(spec: dict) -> dict:
                 row.update(_kr_stats(dist, lq, feats_t))
             stats.append(row)
         if it % spec['val_every'] == 0 or it == iters:
-            curve.append(dict(it=it, psnr=_psnr_y_only(student, val_pairs, spec['scale'])))
+            curve.append(dict(it=it, psnr=_psnr_y_only(student, val_pairs, spec['scale'], device)))
             el = time.time() - t_start
             log(f'  [{spec["name"]}] it {it}/{iters} loss {float(loss.detach()):.4f} val {curve[-1]["psnr"]:.3f} dB '
                 f'{t_train / it:.3f} s/it, job ETA {el / it * (iters - it) / 60:.1f} min')
@@ -448,15 +461,17 @@ def run_job(spec: dict) -> dict:
         plain = float(np.median(step_times[w:])) if len(step_times) > w else float(np.mean(step_times))
         return dict(name=spec['name'], t_step=plain + (t_train - sum(step_times) - t_meta) / total,
                     t_meta=(t_meta / n_meta) if n_meta else 0.0, peak_mib=peak / 1024)
-    torch.save({'params': student.state_dict()}, run_dir / 'student.pth')
+    torch.save({'params': {k: v.cpu() for k, v in student.state_dict().items()}}, run_dir / 'student.pth')
     res = dict(name=spec['name'], method=spec['method'], seed=seed, iters=iters, network=spec['student_network'],
                params=sum(p.numel() for p in student.parameters()), s_per_iter=t_train / iters,
                meta_steps=n_meta, s_per_meta_step=(t_meta / n_meta) if n_meta else None,
                peak_rss_mib=peak / 1024, rss_start_mib=rss0 / 1024, curve=curve, stats=stats, meta_log=meta_log,
-               tests={})
+               device=str(device), tests={})
+    if device.type == 'cuda':
+        res['peak_cuda_mib'] = torch.cuda.max_memory_allocated(device) / 2**20
     for name, ts_ in spec['tests'].items():
         res['tests'][name] = ev.evaluate(student, ev.load_pairs(ts_['hr'], spec['scale'], ts_.get('lr')),
-                                         spec['scale'])
+                                         spec['scale'], device)
     tmp = run_dir / 'result.json.tmp'
     with open(tmp, 'w') as f:
         json.dump(res, f, indent=1)
@@ -529,7 +544,7 @@ def make_plan(cfg: dict, meas: dict, overhead_s: float) -> dict:
 
 def _ablation_cfg(cfg: dict, vc: dict) -> dict:
     base = copy.deepcopy(cfg['methods'][vc.get('method', 'metakd_exact')])
-    for sect in ('krnet', 'meta'):
+    for sect in ('krnet', 'meta', 'texture', 'optim_kr'):
         if sect in vc:
             base['metakd'].setdefault(sect, {}).update(vc[sect])
     if 'texture_weight' in vc:
@@ -572,7 +587,7 @@ def _exec(specs: list[dict], workers: int, on_done=None) -> list[dict]:
 def run(config: str | dict, data_root, out, teacher_ckpt: str | None = None, workers: int | None = None,
         threads: int | None = None, budget_min: float | None = None, methods: list[str] | None = None,
         seeds: list[int] | None = None, iters: int | None = None, no_ablations: bool = False,
-        plot: bool = True) -> dict:
+        plot: bool = True, device: str = 'cpu') -> dict:
     """The whole benchmark (resumable). Returns the results dict (also ``out/results.json``)."""
     t_begin = time.time()
     cfg = copy.deepcopy(config) if isinstance(config, dict) else load_config(config)
@@ -609,9 +624,9 @@ def run(config: str | dict, data_root, out, teacher_ckpt: str | None = None, wor
     pool = build_pool(cfg, data_root, cache)
     if teacher_ckpt is None and cfg['teacher'].get('checkpoint'):
         teacher_ckpt = cfg['teacher']['checkpoint']
-    tpath = get_teacher(cfg, pool, out, teacher_ckpt, main_threads)
+    tpath = get_teacher(cfg, pool, out, teacher_ckpt, main_threads, device)
     layers = list(cfg['kd']['teacher_layers'])
-    tcache = precompute_teacher(cfg, pool, tpath, layers, cache, main_threads)
+    tcache = precompute_teacher(cfg, pool, tpath, layers, cache, main_threads, device)
     info = _layers_info(cfg)
 
     def spec(name, method, mcfg, seed, n_iters, measure=None):
@@ -621,14 +636,14 @@ def run(config: str | dict, data_root, out, teacher_ckpt: str | None = None, wor
                     student_layers=list(cfg['kd']['student_layers']), **info,
                     student_network=cfg['student']['network'], teacher_network=cfg['teacher']['network'],
                     tests=tests, val=val, val_every=cfg['train']['val_every'],
-                    log_every=cfg['train'].get('log_every', 100),
+                    log_every=cfg['train'].get('log_every', 100), device=device,
                     run_dir=str(out / ('measure' if measure else 'runs') / name), measure=measure)
 
     abl = cfg.get('ablations') or {}
     variants = abl.get('variants') or {}
     # ---------------------------------------------------------------- measure and plan
     plan_path = out / 'plan.json'
-    plan_key = _hash(dict(cfg=cfg, teacher=str(tpath)))
+    plan_key = _hash(dict(cfg=cfg, teacher=str(tpath), **({'device': device} if device != 'cpu' else {})))
     plan = None
     if plan_path.exists():
         with open(plan_path) as f:
@@ -701,12 +716,12 @@ def run(config: str | dict, data_root, out, teacher_ckpt: str | None = None, wor
             ref = json.load(f)
     else:
         torch.set_num_threads(main_threads)
-        teacher = ev.load_network(build_net(cfg['teacher']['network']), tpath)
+        teacher = ev.load_network(build_net(cfg['teacher']['network']), tpath).to(device)
         ref = dict(bicubic={}, teacher={}, teacher_params=sum(p.numel() for p in teacher.parameters()))
         for k, t in tests.items():
             pairs = ev.load_pairs(t['hr'], scale, t['lr'])
             ref['bicubic'][k] = ev.evaluate(None, pairs, scale)
-            ref['teacher'][k] = ev.evaluate(teacher, pairs, scale)
+            ref['teacher'][k] = ev.evaluate(teacher, pairs, scale, device)
         with open(ref_path, 'w') as f:
             json.dump(ref, f, indent=1)
     summary = summarize(cfg, plan, runs, ref)
@@ -762,7 +777,7 @@ def summarize(cfg, plan, runs, ref) -> dict:
         ab = dict(variant=r['method'][4:], iters=r['iters'], seed=r['seed'], s_per_iter=r['s_per_iter'],
                   **{t: r['tests'][t]['psnr'] for t in tests})
         last = r['stats'][-1] if r.get('stats') else {}
-        for k in ('weight_entropy', 'kernel_abs_cos'):
+        for k in ('weight_entropy', 'kernel_abs_cos', 'texture_gain'):
             if k in last:
                 ab[k] = float(np.mean(last[k]))
         if r.get('meta_log'):
@@ -883,9 +898,9 @@ def plot_visual(cfg: dict, s: dict, runs: dict, tests: dict, path: Path, scale: 
     seed = min(r['seed'] for r in runs.values())
     cols = [('HR', None), ('bicubic', 'bicubic'), ('student alone', 'student_alone')]
     if s['best_baseline']:
-        cols.append((METHOD_LABELS[s['best_baseline']], s['best_baseline']))
+        cols.append((METHOD_LABELS.get(s['best_baseline'], s['best_baseline']), s['best_baseline']))
     if s['best_metakd']:
-        cols.append((METHOD_LABELS[s['best_metakd']], s['best_metakd']))
+        cols.append((METHOD_LABELS.get(s['best_metakd'], s['best_metakd']), s['best_metakd']))
     nets = {}
     for _, m in cols:
         if m and m != 'bicubic':
@@ -902,6 +917,10 @@ def plot_visual(cfg: dict, s: dict, runs: dict, tests: dict, path: Path, scale: 
                 chosen.append((t, p))
     if images is None:
         chosen = chosen[:3]
+    if not chosen:
+        log(f'visual: none of visual.images {images} is in the test sets ({", ".join(tests)}; names are '
+            f'"<set>/<image stem>"): no {path.name}')
+        return
     fig, axes = plt.subplots(len(chosen), len(cols), figsize=(1.6 * len(cols), 1.75 * len(chosen)), dpi=90,
                              squeeze=False)
     for i, (t, p) in enumerate(chosen):
@@ -948,13 +967,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--seeds', nargs='+', type=int, default=None)
     p.add_argument('--iters', type=int, default=None, help='iterations per student run (upper bound of the plan)')
     p.add_argument('--no-ablations', action='store_true')
+    p.add_argument('--device', default='cpu', help="torch device of the training jobs, e.g. 'cuda' (default cpu); "
+                   'workers then share the device')
     return p
 
 
 def main(argv=None) -> dict:
     a = build_parser().parse_args(argv)
     return run(a.config, a.data_root, a.out, teacher_ckpt=a.teacher, workers=a.workers, threads=a.threads,
-               budget_min=a.budget_min, methods=a.methods, seeds=a.seeds, iters=a.iters, no_ablations=a.no_ablations)
+               budget_min=a.budget_min, methods=a.methods, seeds=a.seeds, iters=a.iters, no_ablations=a.no_ablations,
+               device=a.device)
 
 
 if __name__ == '__main__':

@@ -37,8 +37,9 @@ from .meta import adam_preconditioner, meta_gradient
 __all__ = ['KRTextureTerm', 'MetaDistiller', 'META_DEFAULTS']
 
 #: the ``meta:`` block of an option file, with the design's defaults
-META_DEFAULTS = dict(every=1, mode='exact', inner_lr=None, precond='none', update='meta', fd_eps=0.01)
-_CHOICES = dict(mode=('exact', 'finite_difference'), precond=('none', 'adam'), update=('meta', 'joint', 'frozen'))
+META_DEFAULTS = dict(every=1, mode='exact', inner_lr=None, precond='none', update='meta', fd_eps=0.01, adapters='meta')
+_CHOICES = dict(mode=('exact', 'finite_difference'), precond=('none', 'adam'), update=('meta', 'joint', 'frozen'),
+                adapters=('meta', 'joint', 'student'))
 
 
 def check_meta_options(meta: dict | None, key: str = 'meta') -> dict:
@@ -104,7 +105,13 @@ class MetaDistiller(Distiller):
         output_loss: optional output-KD loss added to the student objective (lambda_out).
         meta: the ``meta:`` options (:data:`META_DEFAULTS`): ``every``, ``mode``
             (exact | finite_difference), ``inner_lr`` (None: the student's current lr),
-            ``precond`` (none | adam), ``update`` (meta | joint | frozen), ``fd_eps``.
+            ``precond`` (none | adam), ``update`` (meta | joint | frozen), ``fd_eps``,
+            ``adapters`` (meta | joint | student): how the KRNets' 1x1 alignment convs
+            (``adapter_s``, ``adapter_t``) are trained. ``meta`` (default): like the rest of the
+            KRNet. ``joint``: both minimise the student objective at every iteration, like a FitNet
+            regressor (alignment is regression; the texture representation, i.e. kernels and
+            weights, stays meta-learned; KRNet's normalisation keeps them from collapsing to 0).
+            ``student``: only ``adapter_s`` does. They are stepped by the KRNets' optimizer.
     """
 
     def __init__(self, teacher: nn.Module, student: nn.Module, teacher_layers: Sequence[str],
@@ -124,7 +131,29 @@ class MetaDistiller(Distiller):
 
     # ------------------------------------------------------------------ objective
     def kr_parameters(self) -> list[nn.Parameter]:
+        """Every trainable KRNet parameter (what ``optimizer_kr`` holds)."""
         return [p for p in self.krnets.parameters() if p.requires_grad]
+
+    def joint_kr_parameters(self) -> list[nn.Parameter]:
+        """KRNet parameters trained on the student objective at every iteration: all of them with
+        ``update='joint'``, else the adapters chosen by ``adapters``."""
+        if self.meta['update'] == 'joint':
+            return self.kr_parameters()
+        names = {'meta': (), 'joint': ('adapter_s', 'adapter_t'), 'student': ('adapter_s', )}[self.meta['adapters']]
+        params = []
+        for kr in self.krnets:
+            for name in names:
+                mod = getattr(kr, name, None)
+                if mod is None:
+                    raise AttributeError(f'meta.adapters: {self.meta["adapters"]!r} needs a KRNet with a '
+                                         f'{name!r} module; {type(kr).__name__} has none')
+                params += [p for p in mod.parameters() if p.requires_grad]
+        return params
+
+    def meta_kr_parameters(self) -> list[nn.Parameter]:
+        """KRNet parameters trained by the meta objective (none with ``update='joint'``)."""
+        joint = {id(p) for p in self.joint_kr_parameters()}
+        return [p for p in self.kr_parameters() if id(p) not in joint]
 
     def objective(self, lq: torch.Tensor, gt: torch.Tensor, out_t: torch.Tensor | None = None,
                   feats_t: Sequence[torch.Tensor] | None = None, params: dict | None = None):
@@ -148,15 +177,12 @@ class MetaDistiller(Distiller):
 
     def grad_inputs(self) -> list[torch.Tensor]:
         """The tensors the student objective is differentiated for: the student's trainable
-        parameters, plus the KRNets' with ``update='joint'``."""
-        inputs = [p for p in unwrap(self.student).parameters() if p.requires_grad]
-        if self.meta['update'] == 'joint':
-            inputs += self.kr_parameters()
-        return inputs
+        parameters, plus :meth:`joint_kr_parameters`."""
+        return [p for p in unwrap(self.student).parameters() if p.requires_grad] + self.joint_kr_parameters()
 
     def backward(self, loss: torch.Tensor) -> None:
-        """Backward of the student objective. With ``update='meta'`` or ``'frozen'`` the KRNets
-        get no gradient from it (only the student does); with ``'joint'`` they do."""
+        """Backward of the student objective into :meth:`grad_inputs`: the student and the
+        :meth:`joint_kr_parameters` (none with the defaults)."""
         loss.backward(inputs=self.grad_inputs())
 
     # ------------------------------------------------------------------ meta step
@@ -190,7 +216,7 @@ class MetaDistiller(Distiller):
             if student_optimizer is None:
                 raise ValueError('meta.precond: adam needs the student optimizer')
             precond = adam_preconditioner(student_optimizer, bare.named_parameters())
-        kr_params = self.kr_parameters()
+        kr_params = self.meta_kr_parameters()
 
         def student_loss(params):
             return self.objective(lq, gt, out_t, feats_t, params)[0]

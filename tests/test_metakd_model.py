@@ -99,6 +99,40 @@ def test_update_frozen_keeps_krnet(tmp_path):
         assert torch.equal(v, k0[k]), k
 
 
+@pytest.mark.parametrize('adapters, joint_names', [('joint', ('adapter_s', 'adapter_t')), ('student', ('adapter_s', ))])
+def test_adapters_trained_on_student_loss_rest_by_meta(tmp_path, adapters, joint_names):
+    """meta.adapters: the alignment convs follow the student objective at every iteration (like a
+    FitNet regressor); kernels and weights stay meta-learned."""
+    opt = tiny_metakd_opt(tmp_path, meta=dict(adapters=adapters, every=2))
+    model = build_model(opt)
+    dist = model.distiller
+    joint = {n for n, _ in model.net_kr.named_parameters() if n.split('.')[1] in joint_names}
+    names = {id(p): n for n, p in model.net_kr.named_parameters()}
+    assert {names[id(p)] for p in dist.joint_kr_parameters()} == joint
+    assert {names[id(p)] for p in dist.meta_kr_parameters()} == set(names.values()) - joint
+    model.feed_data(_batch(opt))
+    k0 = _snapshot(model.net_kr)
+    model.optimize_parameters(1)  # no meta step: only the joint adapters move
+    changed = {k for k, v in model.net_kr.state_dict().items() if not torch.equal(v, k0[k])}
+    assert changed == joint
+    out_t, feats_t = dist.teacher_forward(model.lq)
+    model.optimizer_kr.zero_grad(set_to_none=True)
+    dist.meta_step(model.lq, model.gt, model.lq, model.gt, out_t, feats_t, student_optimizer=model.optimizer_g)
+    assert all(p.grad is None for p in dist.joint_kr_parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in dist.meta_kr_parameters())
+
+
+def test_krnet_gain_is_meta_learned(tmp_path):
+    opt = tiny_metakd_opt(tmp_path)
+    opt['network_kr']['gain'] = True
+    model = build_model(opt)
+    kr = model.net_kr[0]
+    assert float(kr.log_gain) == 0.0
+    model.feed_data(_batch(opt))
+    model.optimize_parameters(1)
+    assert float(kr.log_gain) != 0.0  # moved by the meta step (Adam: by about the lr)
+
+
 def test_every_skips_meta_steps(tmp_path):
     opt = tiny_metakd_opt(tmp_path, meta=dict(every=4))
     model = build_model(opt)

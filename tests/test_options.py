@@ -47,9 +47,9 @@ SCHEDULERS = {
 }
 #: losses that would download weights when built (VGG); only their type is checked
 NO_BUILD_LOSSES = ('PerceptualLoss', )
-META_KEYS = {'every', 'mode', 'inner_lr', 'precond', 'update', 'fd_eps'}
+META_KEYS = {'every', 'mode', 'inner_lr', 'precond', 'update', 'fd_eps', 'adapters'}
 META_CHOICES = {'mode': ('exact', 'finite_difference'), 'precond': ('none', 'adam'),
-                'update': ('meta', 'joint', 'frozen')}
+                'update': ('meta', 'joint', 'frozen'), 'adapters': ('meta', 'joint', 'student')}
 #: KRNet channels used when a file has no distillation points to read them from
 DUMMY_CHANNELS = 64
 
@@ -402,7 +402,7 @@ def test_metakd_block(path):
         assert isinstance(eps, (int, float)) and eps > 0, f'meta.fd_eps: > 0, got {eps!r}'
 
 
-BENCH_FILES = sorted((OPTIONS / 'bench').glob('*.yml'))
+BENCH_FILES = sorted((OPTIONS / 'bench').rglob('*.yml'))
 
 
 @pytest.mark.parametrize('path', BENCH_FILES, ids=[p.name for p in BENCH_FILES])

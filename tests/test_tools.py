@@ -177,3 +177,13 @@ def test_list_modules_cli(tmp_path, list_tool, capsys):
     assert list_tool.main(['-opt', str(opt), '--net', 'network_t', '--depth', '1', '--size', '16', '20']) == 0
     out = capsys.readouterr().out
     assert 'network_g' not in out and '1 x 8 x 16 x 20' in out and 'body.0' not in out
+
+
+def test_make_val_images_writes_scale_multiples(tmp_path):
+    import cv2
+    tool = _load_tool('make_val_images')
+    paths = tool.main([str(tmp_path / 'skval' / 'HR'), '--scale', '4'])
+    assert [p.stem for p in paths] == list(tool.VAL_IMAGES)
+    for p in paths:
+        img = cv2.imread(str(p), cv2.IMREAD_UNCHANGED)
+        assert img.ndim == 3 and img.shape[2] == 3 and img.shape[0] % 4 == 0 and img.shape[1] % 4 == 0, p

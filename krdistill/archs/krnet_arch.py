@@ -118,6 +118,13 @@ class KRNet(nn.Module):
         hidden: generator width. Default 64.
         normalize: ``'rms'`` (default), ``'pixel'`` or ``'none'``; ``True``/``False`` mean
             ``'rms'``/``'none'``. See above.
+        gain: learn an overall strength ``g = exp(log_gain)`` (init 1) of this point's
+            texture supervision: the weights become ``g * softmax(...)`` and sum to ``g``
+            instead of 1. Trained by the meta objective, it lets the KRNet turn the whole
+            texture term down where it hurts the student's reconstruction and up where it
+            helps ("transmit knowledge in accordance with the abilities of students"); the
+            softmax alone can only redistribute a fixed total. Meaningless with
+            ``update='joint'`` (minimising the texture loss drives ``g`` to 0). Default False.
         eps: stabiliser of the normalisations. Default 1e-6.
 
     Shape:
@@ -125,8 +132,8 @@ class KRNet(nn.Module):
         - feat_t: ``B x Ct x H' x W'`` (teacher feature, detached by the caller); resized
           bilinearly to ``H x W`` when the sizes differ.
         - returns a dict: ``tex_s``, ``tex_t``: ``B x N x C x H x W``; ``weights``: ``B x N``
-          (sums to 1); ``kernels``: ``B x N x k x k`` (per-sample and static) or
-          ``B x N x k*k x H x W`` (per-pixel).
+          (sums to 1, or to ``g`` with ``gain=True``); ``kernels``: ``B x N x k x k`` (per-sample
+          and static) or ``B x N x k*k x H x W`` (per-pixel).
 
     Example:
         >>> kr = KRNet(s_channels=32, t_channels=64)
@@ -147,6 +154,7 @@ class KRNet(nn.Module):
                  per_pixel: bool = False,
                  hidden: int = 64,
                  normalize: str | bool = 'rms',
+                 gain: bool = False,
                  eps: float = 1e-6) -> None:
         super().__init__()
         if isinstance(normalize, bool):
@@ -178,6 +186,7 @@ class KRNet(nn.Module):
         self.per_pixel = bool(per_pixel)
         self.hidden = int(hidden)
         self.normalize = normalize
+        self.gain = bool(gain)
         self.eps = float(eps)
 
         c, n, taps = self.width, self.num_kernels, self.kernel_size**2
@@ -205,6 +214,8 @@ class KRNet(nn.Module):
             self.gen_in_channels = 0
             self.kernel_bank = nn.Parameter(bank)  # N x k*k
             self.weight_logits = nn.Parameter(torch.zeros(n))
+        if self.gain:
+            self.log_gain = nn.Parameter(torch.zeros(()))
 
     @property
     def num_corr(self) -> int:
@@ -215,7 +226,7 @@ class KRNet(nn.Module):
         return (f's_channels={self.s_channels}, t_channels={self.t_channels}, width={self.width}, '
                 f'num_kernels={self.num_kernels}, kernel_size={self.kernel_size}, corr_radius={self.corr_radius}, '
                 f'use_correlation={self.use_correlation}, dynamic={self.dynamic}, per_pixel={self.per_pixel}, '
-                f'hidden={self.hidden}, normalize={self.normalize!r}, eps={self.eps:g}')
+                f'hidden={self.hidden}, normalize={self.normalize!r}, gain={self.gain}, eps={self.eps:g}')
 
     # ----------------------------------------------------------------------------------------
     def _norm(self, p: Tensor) -> Tensor:
@@ -284,6 +295,8 @@ class KRNet(nn.Module):
         else:
             kernels = _normalize_taps(self.kernel_bank, dim=1, eps=self.eps).view(1, n, k, k).expand(b, n, k, k)
             weights = torch.softmax(self.weight_logits, dim=0).unsqueeze(0).expand(b, n)
+        if self.gain:
+            weights = weights * self.log_gain.exp()
 
         # Student and teacher go through the same kernels in one pass: channels [P_s, P_t].
         both = F.pad(torch.cat([p_s, p_t], dim=1), (pad, pad, pad, pad), mode='replicate')

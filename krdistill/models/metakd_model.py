@@ -116,7 +116,7 @@ class MetaKDModel(KDSRModel):
     # ----------------------------------------------------------------- training
     def optimize_parameters(self, current_iter):
         mkd = self.mkd
-        joint = mkd.meta['update'] == 'joint'
+        joint = bool(self.distiller.joint_kr_parameters())  # KRNet parameters trained on the student loss
 
         def meta_ok(info):  # take the KRNet meta step only with a finite loss and gradients
             return self.check_finite(info['l_meta'], {'l_meta': info['l_meta']}, current_iter, 'meta loss') and \
