@@ -73,3 +73,9 @@ def test_two_process_ddp_matches_single_process(tmp_path, mode):
     log = ''.join(p.read_text() for p in (single / 'experiments' / name).glob('train_*.log'))
     norms = [float(v) for v in re.findall(r'meta_grad_norm: ([0-9.e+-]+)', log)]
     assert len(norms) == ITERS and all(n > 0 for n in norms)
+    # exact resume: every rank's random states and meta fallback batch are in the training state
+    state = torch.load(multi / 'experiments' / name / 'training_states' / f'{ITERS}.state', weights_only=False)
+    ranks = state['krdistill']['ranks']
+    assert len(ranks) == 2
+    assert ranks[0]['rng']['python'] != ranks[1]['rng']['python']  # BasicSR seeds seed + rank
+    assert not torch.equal(ranks[0]['meta_state']['last_batch'][0], ranks[1]['meta_state']['last_batch'][0])
