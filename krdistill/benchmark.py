@@ -838,7 +838,7 @@ def format_markdown(s: dict) -> str:
                                     f'{d["spread"]:.3f}', 'yes' if d['met'] else 'no']
                                    for t, d in s['targets'].items()]), '']
     if s['ablations']:
-        keys = ['weight_entropy', 'kernel_abs_cos', 'meta_grad_norm', 'l_texture']
+        keys = ['weight_entropy', 'kernel_abs_cos', 'texture_gain', 'meta_grad_norm', 'l_texture']
         out += [f'Ablations (1 seed, {s["ablation_iters"]} iterations; Y-PSNR dB):', '',
                 ev.markdown_table(['variant'] + tests + ['s/iter'] + keys,
                                   [[a['variant']] + [f'{a[t]:.3f}' for t in tests] + [f'{a["s_per_iter"]:.3f}'] +
