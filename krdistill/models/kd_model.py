@@ -316,7 +316,8 @@ class KDSRModel(SRModel):
         if bad:
             raise FloatingPointError(f'refusing to save non-finite student weights ({bad[:3]} ...) at iter '
                                      f'{current_iter}')
-        self._extra_states = self._gather_extra_states()  # every rank takes part; rank 0 writes them
+        if current_iter != -1:  # the final 'latest' save writes no training state: no collective at shutdown
+            self._extra_states = self._gather_extra_states()  # every rank takes part; rank 0 writes them
         if self.opt.get('rank', 0) != 0:
             return  # BasicSR saves on the master rank only
         paths = self.opt['path']
