@@ -2,33 +2,51 @@
 
 Installed with krdistill as ``krdistill-autoload.pth`` in site-packages, which runs
 ``_krdistill_autoload.install()`` at interpreter start. That only puts a finder on
-``sys.meta_path``; nothing is imported until a program imports ``basicsr`` itself. Then,
-before basicsr's code runs, the torchvision shim is applied, and right after it, ``krdistill``
-is imported (its classes register in BasicSR's registries). Processes that never import basicsr
-never import torch or krdistill.
+``sys.meta_path``; nothing is imported until a program imports ``basicsr`` itself. Then:
 
-Opt out with the environment variable ``KRDISTILL_AUTOLOAD=0``.
+1. before basicsr's code runs, the torchvision alias of ``krdistill/compat.py`` is applied. The
+   file is loaded by its path (``importlib.util.spec_from_file_location``), without importing the
+   krdistill package, whose ``__init__`` imports basicsr;
+2. right after basicsr is loaded, ``krdistill`` (and ``krdistill.data``) is imported: its classes
+   register in BasicSR's registries. Nothing of BasicSR is replaced;
+3. when the running program is BasicSR's ``basicsr/train.py`` with a krdistill model and the run
+   would crash in BasicSR code (see :func:`krdistill.entry.check_basicsr_train`), one line says why
+   and to use ``krdistill-train`` instead, and the process exits with code 2.
+
+Processes that never import basicsr never import torch or krdistill. This module imports the
+standard library only. Opt out with the environment variable ``KRDISTILL_AUTOLOAD=0``.
 """
 import importlib
+import importlib.util
 import os
 import sys
 
 __all__ = ['install', 'alias_functional_tensor']
 
 
+def _early_compat():
+    """``krdistill/compat.py`` loaded by file path (stdlib only), or None if krdistill is not found."""
+    spec = importlib.util.find_spec('krdistill')  # a top-level name: locates, does not import
+    for folder in (spec.submodule_search_locations or []) if spec is not None else []:
+        path = os.path.join(folder, 'compat.py')
+        if os.path.isfile(path):
+            early = importlib.util.spec_from_file_location('_krdistill_compat_early', path)
+            module = importlib.util.module_from_spec(early)
+            early.loader.exec_module(module)
+            return module
+    return None
+
+
 def alias_functional_tensor() -> None:
-    """torchvision >= 0.17 renamed ``transforms.functional_tensor``; basicsr 1.4.2 imports the old name."""
-    name = 'torchvision.transforms.functional_tensor'
-    if name in sys.modules:
-        return
-    try:
-        importlib.import_module(name)
-    except ImportError:
-        try:
-            mod = importlib.import_module('torchvision.transforms._functional_tensor')
-        except ImportError:  # torchvision absent or too different: leave basicsr to fail loudly
-            return
-        sys.modules[name] = mod
+    """torchvision >= 0.17 renamed ``transforms.functional_tensor``; basicsr 1.4.2 imports the old name
+    (one implementation: ``krdistill/compat.py``)."""
+    compat = _early_compat()
+    if compat is not None:
+        compat.alias_functional_tensor()
+
+
+def _opted_out() -> bool:
+    return os.environ.get('KRDISTILL_AUTOLOAD', '1').lower() in ('0', 'false', 'no', 'off')
 
 
 class _Loader:
@@ -39,13 +57,20 @@ class _Loader:
         return self._loader.create_module(spec)
 
     def exec_module(self, module):
-        alias_functional_tensor()
+        try:
+            alias_functional_tensor()
+        except Exception as e:  # noqa: BLE001  (never break basicsr because of the plug-in)
+            sys.stderr.write(f'krdistill autoload: torchvision alias failed ({type(e).__name__}: {e})\n')
         self._loader.exec_module(module)
         try:
             importlib.import_module('krdistill')
+            importlib.import_module('krdistill.data')
+            from krdistill.entry import check_basicsr_train
         except Exception as e:  # noqa: BLE001  (never break basicsr because of the plug-in)
             sys.stderr.write(f'krdistill autoload: import krdistill failed ({type(e).__name__}: {e}); '
                              'set KRDISTILL_AUTOLOAD=0 to silence\n')
+            return
+        check_basicsr_train()  # exits with code 2 on a run BasicSR's train.py would crash on
 
     def __getattr__(self, name):
         return getattr(self._loader, name)
@@ -58,8 +83,7 @@ class _Finder:
         if fullname != 'basicsr':
             return None
         sys.meta_path.remove(self)  # once, and no recursion
-        from importlib.util import find_spec
-        spec = find_spec('basicsr')
+        spec = importlib.util.find_spec('basicsr')
         if spec is None or spec.loader is None:
             return None
         spec.loader = _Loader(spec.loader)
@@ -67,7 +91,7 @@ class _Finder:
 
 
 def install() -> None:
-    if os.environ.get('KRDISTILL_AUTOLOAD', '1').lower() in ('0', 'false', 'no', 'off'):
+    if _opted_out():
         return
     if 'basicsr' in sys.modules or any(isinstance(f, _Finder) for f in sys.meta_path):
         return

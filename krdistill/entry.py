@@ -1,18 +1,67 @@
-"""Shared body of the thin entry points ``krdistill/train.py`` and ``krdistill/test.py``."""
+"""krdistill's own entry points (``krdistill-train``, ``krdistill-test``) and the check of BasicSR's.
+
+A plug-in patches nothing: importing krdistill leaves every BasicSR function as it is. What must
+act before a model exists, and that BasicSR 1.4.2's ``train_pipeline`` does not offer a hook for,
+is done by krdistill's own entry point, *for the duration of its own pipeline call only*
+(:func:`basicsr_overrides` swaps a few module globals of ``basicsr.train`` and
+``basicsr.utils.dist_util`` and puts BasicSR's own back on exit, so the same process sees
+unpatched BasicSR afterwards):
+
+1. :func:`load_resume_state`: resume on any device (CPU unless ``num_gpu`` and CUDA; BasicSR's
+   calls ``torch.cuda.current_device()``), reading the training state with
+   ``torch.load(..., weights_only=True)`` (:func:`krdistill.resume.load_training_state`: a file
+   holding other objects is refused and never unpickled); the teacher (``network_t``) is always
+   treated as listed in ``path.ignore_resume_networks`` (it is never saved) and
+   ``path.param_key_t`` survives BasicSR's ``check_resume`` (which resets every
+   ``params_ema`` key to ``params``).
+2. The train/val loaders: ``datasets.meta`` is refused (it moved to ``meta.dataset``); every
+   ``datasets.<phase>`` block passes :func:`krdistill.preflight.check_datasets` before the first
+   loader is built; on resume the train sampler skips the batches of the interrupted epoch
+   already trained on (:func:`krdistill.resume.skip_consumed_batches`), and a training state
+   written with ``epoch: -1`` (training stopped on non-finite values) gets its epoch from the
+   iteration and the loader length.
+3. ``--launcher pytorch`` on a machine without CUDA: gloo instead of NCCL, no
+   ``torch.cuda.set_device``.
+
+:func:`check_basicsr_train` is what the interpreter-start hook (``_krdistill_autoload``) calls when
+basicsr is imported: under BasicSR's own ``basicsr/train.py`` with a krdistill model, a run that
+would crash in BasicSR code (resume or ``--launcher pytorch`` without CUDA, a teacher that
+BasicSR's ``check_resume`` would redirect) stops at once with one line saying why and to use
+``krdistill-train`` with the same arguments (exit code 2).
+
+This module imports the standard library only at import time.
+"""
 from __future__ import annotations
 
+import argparse
+import contextlib
 import importlib
 import os
+import shlex
 import sys
+from os import path as osp
+from typing import Any, Iterator
+
+__all__ = ['run_pipeline', 'basicsr_overrides', 'load_resume_state', 'find_resume_state', 'resume_map_location',
+           'check_resume', 'check_dataset_phases', 'init_dist_pytorch', 'basicsr_train_problem',
+           'check_basicsr_train', 'KRDISTILL_MODEL_TYPES']
+
+#: model types of krdistill (the autoload check leaves every other model type to BasicSR)
+KRDISTILL_MODEL_TYPES = ('KDSRModel', 'MetaKDModel')
+#: dataset phases that are no longer ``datasets.<phase>`` blocks -> where they live now
+MOVED_DATASET_PHASES = {'meta': 'meta.dataset'}
 
 
+# ------------------------------------------------------------------------------------------ entry
 def run_pipeline(module: str, func: str, argv: list[str] | None, root_path: str | None, prog: str) -> None:
     """Call ``basicsr.<module>.<func>(root_path)`` with ``argv`` as the command line.
 
-    krdistill is imported first (shims + registration). ``root_path`` defaults to the current
-    folder, so runs land in ``./experiments`` / ``./results``, never in site-packages.
+    krdistill is imported first (registration), and the pipeline runs inside
+    :func:`basicsr_overrides`. ``root_path`` defaults to the current folder, so runs land in
+    ``./experiments`` / ``./results``, never in site-packages.
     """
     import krdistill  # noqa: F401
+    import krdistill.data  # noqa: F401  (CheckedPairedImageDataset, CheckedSingleImageDataset)
 
     _reset_basicsr_logger()
     pipeline = getattr(importlib.import_module(module), func)
@@ -20,7 +69,8 @@ def run_pipeline(module: str, func: str, argv: list[str] | None, root_path: str 
     if argv is not None:
         sys.argv = [prog, *argv]
     try:
-        pipeline(os.path.abspath(root_path or os.getcwd()))
+        with basicsr_overrides(train=module == 'basicsr.train'):
+            pipeline(os.path.abspath(root_path or os.getcwd()))
     finally:
         sys.argv = saved
 
@@ -39,3 +89,273 @@ def _reset_basicsr_logger() -> None:
         log.removeHandler(handler)
         handler.close()
     bsr_logger.initialized_logger.pop('basicsr', None)
+
+
+@contextlib.contextmanager
+def basicsr_overrides(train: bool = True) -> Iterator[Any]:
+    """Swap the globals BasicSR's pipelines look up for krdistill's, restore BasicSR's own on exit.
+
+    ``basicsr.utils.dist_util._init_dist_pytorch`` always; with ``train``, also
+    ``basicsr.train.load_resume_state`` and ``basicsr.train.create_train_val_dataloader``.
+    Yields the run's state (``resume_state``: the dict ``train_pipeline`` reads), or None.
+    """
+    from basicsr.utils import dist_util
+
+    from . import preflight
+    swaps = [(dist_util, '_init_dist_pytorch', init_dist_pytorch)]
+    run = None
+    if train:
+        bsr_train = importlib.import_module('basicsr.train')
+        run = _TrainRun(bsr_train.create_train_val_dataloader)
+        swaps += [(bsr_train, 'load_resume_state', run.load_resume_state),
+                  (bsr_train, 'create_train_val_dataloader', run.create_train_val_dataloader)]
+    saved = [(m, name, getattr(m, name)) for m, name, _ in swaps]
+    try:
+        for m, name, f in swaps:
+            setattr(m, name, f)
+        with preflight.remember_passed():
+            yield run
+    finally:
+        for m, name, f in reversed(saved):
+            setattr(m, name, f)
+
+
+class _TrainRun:
+    """What one ``train_pipeline`` call under :func:`basicsr_overrides` shares between the two hooks."""
+
+    def __init__(self, create_train_val_dataloader):
+        self._create_train_val_dataloader = create_train_val_dataloader  # BasicSR's own
+        self.resume_state: dict | None = None
+
+    def load_resume_state(self, opt: dict) -> dict | None:
+        self.resume_state = load_resume_state(opt)
+        return self.resume_state
+
+    def create_train_val_dataloader(self, opt: dict, logger):
+        from .preflight import check_datasets
+        from .resume import skip_consumed_batches
+        check_dataset_phases(opt)
+        check_datasets(opt)  # clear errors before anything is built (krdistill/preflight.py)
+        result = self._create_train_val_dataloader(opt, logger)
+        train_loader = result[0]
+        state = self.resume_state
+        if state is not None and train_loader is not None and len(train_loader) > 0:
+            per_epoch, it = len(train_loader), int(state['iter'])
+            if int(state['epoch']) < 0:  # written when training stopped on non-finite values
+                state['epoch'] = it // per_epoch  # train_pipeline reads it after the loaders are built
+                logger.info(f'Resume: the training state of iter {it} has no epoch; epoch {state["epoch"]} from '
+                            f'{per_epoch} batches per epoch.')
+            n = skip_consumed_batches(train_loader, int(state['epoch']), it,
+                                      opt['datasets']['train']['batch_size_per_gpu'])
+            if n:
+                logger.info(f'Resuming mid-epoch: epoch {state["epoch"]} continues after the {n} of its '
+                            f'{per_epoch} batches trained on before iter {it}.')
+        return result
+
+
+def check_dataset_phases(opt: dict) -> None:
+    """Refuse dataset phases that moved out of ``datasets`` (``datasets.meta`` -> ``meta.dataset``)."""
+    for phase in (opt.get('datasets') or {}):
+        moved = MOVED_DATASET_PHASES.get(phase.split('_')[0])
+        if moved:
+            raise ValueError(f'datasets.{phase}: MetaKD\'s meta data set is no longer a datasets phase; move the '
+                             f'block to {moved} (MetaKDModel builds the meta loader from there)')
+
+
+# ------------------------------------------------------------------------------------------ resume
+def resume_map_location(opt: dict):
+    """Where to put the tensors of a training state: CUDA if asked for and present, else the CPU."""
+    import torch
+    if opt.get('num_gpu', 0) != 0 and torch.cuda.is_available():
+        return torch.device('cuda', torch.cuda.current_device())
+    return torch.device('cpu')
+
+
+def find_resume_state(opt: dict) -> str | None:
+    """The training state to resume from: the newest ``<iter>.state`` of the run with ``auto_resume``
+    (``<root_path>/experiments/<name>/training_states``; also written to ``path.resume_state``),
+    else ``path.resume_state``, else None."""
+    if opt.get('auto_resume'):
+        folder = osp.join(opt.get('root_path', '.'), 'experiments', opt['name'], 'training_states')
+        iters = []
+        if osp.isdir(folder):
+            for name in os.listdir(folder):
+                stem, ext = osp.splitext(name)
+                if ext == '.state' and stem.isdigit():  # not a temporary file left by a killed save
+                    iters.append(int(stem))
+        if not iters:
+            return None
+        found = osp.join(folder, f'{max(iters)}.state')
+        opt['path']['resume_state'] = found
+        return found
+    return opt['path'].get('resume_state') or None
+
+
+def check_resume(opt: dict, resume_iter: int) -> None:
+    """BasicSR's ``check_resume`` for a run with a teacher: ``network_t`` is always treated as listed in
+    ``path.ignore_resume_networks`` (the teacher is never saved), and ``path.param_key_t`` keeps its
+    value (BasicSR resets every ``params_ema`` key to ``params``, meant for the networks it saves)."""
+    from basicsr.utils.misc import check_resume as bsr_check_resume
+    p = opt['path']
+    if 'network_t' in opt:
+        ignore = list(p.get('ignore_resume_networks') or [])
+        if 'network_t' not in ignore:
+            p['ignore_resume_networks'] = ignore + ['network_t']
+    keep = {k: p[k] for k in ('param_key_t',) if k in p}
+    bsr_check_resume(opt, resume_iter)
+    p.update(keep)
+
+
+def load_resume_state(opt: dict) -> dict | None:
+    """Device-agnostic ``basicsr.train.load_resume_state`` that loads with ``weights_only=True``.
+
+    Raises ``FileNotFoundError`` for a ``path.resume_state`` that does not exist and
+    :class:`krdistill.resume.RefusedStateError` for a file that holds objects other than tensors
+    and containers (it is never unpickled).
+    """
+    from .resume import load_training_state
+    path = find_resume_state(opt)
+    if path is None:
+        return None
+    key = 'path.resume_state' + (' (found by --auto_resume)' if opt.get('auto_resume') else '')
+    if not osp.isfile(path):
+        raise FileNotFoundError(f'{key}: no such file: {path}')
+    state = load_training_state(path, map_location=resume_map_location(opt), key=key)
+    if not isinstance(state, dict) or 'iter' not in state or 'epoch' not in state:
+        raise ValueError(f'{key}: {path} is not a BasicSR training state (no iter / epoch)')
+    check_resume(opt, state['iter'])
+    return state
+
+
+# ------------------------------------------------------------------------------------------ dist
+def init_dist_pytorch(backend: str = 'nccl', **kwargs) -> None:
+    """``basicsr.utils.dist_util._init_dist_pytorch`` that also works without CUDA (gloo on the CPU)."""
+    import torch
+    import torch.distributed as dist
+    if torch.cuda.is_available() and torch.cuda.device_count() > 0:
+        torch.cuda.set_device(int(os.environ['RANK']) % torch.cuda.device_count())
+    else:
+        backend = 'gloo'
+    dist.init_process_group(backend=backend, **kwargs)
+
+
+# ------------------------------------------------------------------------------------------ BasicSR's train.py
+class _QuietParser(argparse.ArgumentParser):
+    def error(self, message):  # noqa: D401  (no usage print, no exit: BasicSR reports its own errors)
+        raise ValueError(message)
+
+
+def _basicsr_args(argv: list[str]):
+    """The command line as BasicSR's ``parse_options`` reads it (same options, same abbreviations)."""
+    parser = _QuietParser(add_help=False)
+    parser.add_argument('-opt', type=str, required=True)
+    parser.add_argument('--launcher', choices=['none', 'pytorch', 'slurm'], default='none')
+    parser.add_argument('--auto_resume', action='store_true')
+    parser.add_argument('--debug', action='store_true')
+    parser.add_argument('--local_rank', type=int, default=0)
+    parser.add_argument('--force_yml', nargs='+', default=None)
+    return parser.parse_known_args(argv)[0]
+
+
+def _load_opt(args) -> dict | None:
+    import yaml
+    try:
+        with open(args.opt, encoding='utf-8') as f:
+            opt = yaml.safe_load(f)
+    except Exception:  # noqa: BLE001  (BasicSR reports an unreadable file itself)
+        return None
+    if not isinstance(opt, dict):
+        return None
+    for entry in args.force_yml or []:  # the few keys this check reads
+        keys, _, value = entry.partition('=')
+        keys = [k.strip() for k in keys.split(':')]
+        if keys in (['name'], ['model_type'], ['path', 'resume_state'], ['path', 'param_key_t'],
+                    ['path', 'ignore_resume_networks']):
+            try:
+                parsed = yaml.safe_load(value.strip())
+            except yaml.YAMLError:
+                parsed = value.strip()
+            node = opt
+            for k in keys[:-1]:
+                node = node.setdefault(k, {}) if isinstance(node, dict) else {}
+            if isinstance(node, dict):
+                node[keys[-1]] = parsed
+    if args.debug and not str(opt.get('name', '')).startswith('debug'):
+        opt['name'] = f'debug_{opt.get("name")}'
+    return opt
+
+
+def _basicsr_resume_path(opt: dict, auto_resume: bool) -> str | None:
+    """What BasicSR's own ``load_resume_state`` would resume from (it looks in ``./experiments``)."""
+    p = opt.get('path') or {}
+    if auto_resume:
+        folder = osp.join('experiments', str(opt.get('name')), 'training_states')
+        if osp.isdir(folder) and any(n.endswith('state') for n in os.listdir(folder)):
+            return folder
+        return None
+    return p.get('resume_state') or None
+
+
+def basicsr_train_problem(argv: list[str], cuda_available: bool | None = None) -> str | None:
+    """Why BasicSR's own ``basicsr/train.py`` would crash on this krdistill run, or None.
+
+    Only krdistill's model types are looked at. A resume without CUDA (BasicSR's
+    ``load_resume_state`` calls ``torch.cuda.current_device()``), ``--launcher pytorch`` without
+    CUDA (BasicSR's ``init_dist`` calls ``torch.cuda.set_device`` and uses NCCL), and a resume that
+    BasicSR's ``check_resume`` would break for the teacher (``network_t`` not in
+    ``path.ignore_resume_networks``: it looks for a ``net_t_<iter>.pth`` that is never saved;
+    ``path.param_key_t: params_ema``: reset to ``params``). ``krdistill-train`` handles all of them.
+    """
+    try:
+        args = _basicsr_args(list(argv))
+    except ValueError:
+        return None
+    opt = _load_opt(args)
+    if opt is None or opt.get('model_type') not in KRDISTILL_MODEL_TYPES:
+        return None
+    if cuda_available is None:
+        import torch
+        cuda_available = torch.cuda.is_available()
+    if args.launcher == 'pytorch' and not cuda_available:
+        return ("--launcher pytorch on a machine without CUDA: BasicSR's init_dist calls torch.cuda.set_device and "
+                'uses NCCL')
+    if _basicsr_resume_path(opt, args.auto_resume) is None:
+        return None
+    p = opt.get('path') or {}
+    if not cuda_available:
+        return "resume on a machine without CUDA: BasicSR's load_resume_state calls torch.cuda.current_device()"
+    if 'network_t' in opt and 'network_t' not in (p.get('ignore_resume_networks') or []):
+        return ("resume with network_t not in path.ignore_resume_networks: BasicSR's check_resume would load the "
+                'teacher from models/net_t_<iter>.pth, which is never saved')
+    if p.get('param_key_t') == 'params_ema':
+        return ("resume with path.param_key_t: params_ema: BasicSR's check_resume resets it to params, so the teacher "
+                'would load other weights')
+    return None
+
+
+def _basicsr_train_argv() -> list[str] | None:
+    """The arguments of this process if it is BasicSR's ``train.py`` (run as a file or as
+    ``python -m basicsr.train``), else None."""
+    main_file = getattr(sys.modules.get('__main__'), '__file__', None) or ''
+    if main_file.endswith(('basicsr/train.py', f'basicsr{os.sep}train.py')):
+        return sys.argv[1:]
+    orig = list(getattr(sys, 'orig_argv', []))  # python -m basicsr.train: basicsr is imported before __main__ is set
+    for i, a in enumerate(orig[:-1]):
+        if a == '-m' and orig[i + 1] == 'basicsr.train':
+            return orig[i + 2:]
+    return None
+
+
+def check_basicsr_train() -> None:
+    """Under BasicSR's own ``basicsr/train.py``: exit with code 2 and one line on a krdistill run it would
+    crash on (:func:`basicsr_train_problem`), pointing to ``krdistill-train`` with the same arguments."""
+    argv = _basicsr_train_argv()
+    if argv is None:
+        return
+    problem = basicsr_train_problem(argv)
+    if problem is None:
+        return
+    sys.stderr.write(f'krdistill: BasicSR\'s basicsr/train.py cannot run this job ({problem}); use '
+                     f'krdistill-train -opt <file> [same args] instead: krdistill-train {shlex.join(argv)}\n')
+    sys.stderr.flush()
+    raise SystemExit(2)

@@ -15,37 +15,58 @@ additions make it exact:
    ``EnlargedSampler``, a permutation seeded by the epoch) skips the
    ``iter - epoch * len(train_loader)`` batches of the resumed epoch that were trained on before the
    checkpoint, without loading them (see :func:`skip_consumed_batches`; applied by
-   ``krdistill.compat`` when the loaders are built).
+   ``krdistill-train`` (:mod:`krdistill.entry`) when the loaders are built).
+
+Training states hold tensors, numbers, strings and containers only (:func:`rng_state`,
+:func:`plain_state`) and are read with ``torch.load(..., weights_only=True)``
+(:func:`load_training_state`): a file passed as ``path.resume_state`` never runs code.
 
 With ``num_worker_per_gpu: 0`` the resumed run's batches, augmentations and losses are those of
 the uninterrupted run (``tests/test_exact_resume.py``). With data-loader workers, the images and
 their order are still the same, but BasicSR seeds each worker's ``random`` identically at every
 epoch start, so the crops and flips of the rest of the *interrupted* epoch differ; from the next
-epoch on they match again. ``datasets.meta`` (MetaKD's separate meta loader) restarts from its
+epoch on they match again. ``meta.dataset`` (MetaKD's separate meta loader) restarts from its
 first batch.
 """
 from __future__ import annotations
 
 import itertools
+import pickle
 import random
+import re
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 import torch
 
-__all__ = ['rng_state', 'restore_host_rng', 'restore_torch_rng', 'skip_consumed_batches']
+__all__ = ['rng_state', 'restore_host_rng', 'restore_torch_rng', 'skip_consumed_batches', 'plain_state',
+           'load_training_state', 'RefusedStateError']
 
 
 def rng_state() -> dict[str, Any]:
-    """The generator states of this process: Python, NumPy, torch (CPU) and every CUDA device."""
-    return {'python': random.getstate(), 'numpy': np.random.get_state(), 'torch': torch.get_rng_state(),
+    """The generator states of this process: Python, NumPy, torch (CPU) and every CUDA device.
+
+    Only tensors, ints, floats, strings, tuples, lists, dicts and None, so a training state that
+    holds it loads with ``torch.load(..., weights_only=True)``: NumPy's key array (``uint32``)
+    is stored as an ``int64`` tensor; :func:`restore_host_rng` converts it back.
+    """
+    name, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+    return {'python': random.getstate(),
+            'numpy': (str(name), torch.from_numpy(np.asarray(keys, dtype=np.int64)), int(pos), int(has_gauss),
+                      float(cached_gaussian)),
+            'torch': torch.get_rng_state(),
             'cuda': torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
 
 
 def restore_host_rng(state: dict[str, Any]) -> None:
     """Restore Python's and NumPy's generators (what data augmentation draws from)."""
-    random.setstate(state['python'])
-    np.random.set_state(state['numpy'])
+    py = state['python']
+    random.setstate((py[0], tuple(py[1]), py[2]))  # tuples, even if a container came back as a list
+    name, keys, pos, has_gauss, cached_gaussian = state['numpy']
+    if torch.is_tensor(keys):
+        keys = keys.cpu().numpy()
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), int(pos), int(has_gauss), float(cached_gaussian)))
 
 
 def restore_torch_rng(state: dict[str, Any]) -> None:
@@ -54,6 +75,51 @@ def restore_torch_rng(state: dict[str, Any]) -> None:
     cuda = state.get('cuda') or []
     if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all([s.cpu() for s in cuda])
+
+
+def plain_state(obj: Any) -> Any:
+    """``obj`` with every mapping turned into a plain ``dict`` and every tuple / list rebuilt, recursively.
+
+    For training states written with ``torch.save`` and read with ``weights_only=True``: BasicSR's
+    ``MultiStepRestartLR`` keeps its ``milestones`` as a ``collections.Counter`` (older torch
+    refuses it); its scheduler code only uses ``in`` and ``[]`` on it, and
+    ``load_state_dict`` puts the loaded value back, so a plain dict behaves the same. Named tuples
+    become plain tuples. Tensors and every other value are returned as they are.
+    """
+    if isinstance(obj, Mapping):
+        return {k: plain_state(v) for k, v in obj.items()}
+    if isinstance(obj, tuple):
+        return tuple(plain_state(v) for v in obj)
+    if isinstance(obj, list):
+        return [plain_state(v) for v in obj]
+    return obj
+
+
+class RefusedStateError(ValueError):
+    """A training state holds objects other than tensors and plain containers; it is not loaded."""
+
+
+def load_training_state(path: str, map_location: Any = 'cpu', key: str = 'path.resume_state') -> dict:
+    """``torch.load(path, map_location=map_location, weights_only=True)`` with errors that name the file.
+
+    A training state holds tensors, numbers, strings and containers only (see :func:`rng_state`,
+    :func:`plain_state`); a file that holds anything else (a pickled object, whose loading could
+    run code) is refused with :class:`RefusedStateError` and never unpickled. ``key`` is the
+    option that named the file, for the message.
+    """
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        text = str(e)
+        if 'weights only' not in text.lower() and 'weights_only' not in text.lower():
+            raise ValueError(f'{key}: cannot read the training state {path} (truncated or not a torch file?): '
+                             f'{type(e).__name__}: {text.splitlines()[0] if text else ""}') from None
+        found = re.search(r'Unsupported global: GLOBAL (\S+)', text) or re.search(r'(Unsupported operand \S+)', text)
+        what = f' (refused: {found.group(1)})' if found else ''
+        raise RefusedStateError(
+            f'{key}: {path} holds objects other than tensors, numbers, strings and containers{what}; '
+            'krdistill loads training states with torch.load(weights_only=True) and will not load it. '
+            'Resume from a training state written by this krdistill version.') from None
 
 
 class _SkipFirst(torch.utils.data.Sampler):

@@ -38,7 +38,7 @@ def test_nonfinite_steps_are_skipped_then_training_stops_with_a_good_checkpoint(
         model.optimize_parameters(it)  # skipped: weights untouched
         for k, v in model.net_g.state_dict().items():
             assert torch.equal(v, before[k]), k
-    with pytest.raises(FloatingPointError, match='max_nonfinite|non-finite steps in a row'):
+    with pytest.raises(FloatingPointError, match='max_nonfinite|non-finite steps in a row|in a row skipped on non-finite'):
         model.optimize_parameters(4)
     saved = torch.load(os.path.join(opt['path']['models'], 'net_g_4.pth'), map_location='cpu')['params']
     assert all(torch.isfinite(v).all() for v in saved.values())
@@ -78,7 +78,7 @@ def test_save_is_atomic(tmp_path, monkeypatch):
     # nothing of iteration 20 is visible: resume still finds a complete iteration 10
     assert [n for n in os.listdir(states) if not n.startswith('.')] == ['10.state']
     assert 'net_g_20.pth' not in os.listdir(models)
-    from krdistill.compat import load_resume_state
+    from krdistill.entry import load_resume_state
     ropt = dict(copy.deepcopy(opt), auto_resume=True)
     assert load_resume_state(ropt)['iter'] == 10
     monkeypatch.undo()
