@@ -1,20 +1,26 @@
-"""Teacher/student feature distillation, framework-free (torch only).
+"""Hand-crafted teacher/student distillation and its training iteration, framework-free (torch only).
 
-:class:`Distiller` owns the teacher (frozen, never a sub-module: it is not saved), one
-:class:`~krdistill.features.FeatureRecorder` per network and the per-pair KD loss modules.
-BasicSR's ``KDSRModel`` and ``MetaKDModel`` are thin users of it; any PyTorch loop can use it
-directly::
+:class:`Distiller` owns the frozen teacher (never a sub-module: it is not saved), one
+:class:`~krdistill.features.FeatureRecorder` per network and the per-point KD losses (FitNet
+regressors, ...). It computes the student objective and runs one training iteration
+(:meth:`Distiller.train_step`); :class:`~krdistill.metakd.MetaKD` extends it with the KRNets and
+the meta step. BasicSR's ``KDSRModel``, the benchmark and a plain loop all call the same
+``train_step``::
 
-    dist = Distiller(teacher, student, ['body.31'], ['body.15'],
-                     pair_losses=[FitNetLoss(64, 256)], output_loss=OutputKDLoss())
-    out_t, feats_t = dist.teacher_forward(lq)
-    out_s, feats_s = dist.student_forward(lq)
-    terms = dist.kd_terms(out_s, feats_s, out_t, feats_t)   # {'l_kd_fitnet': ..., 'l_kd_out': ...}
+    dist = build_distiller(teacher, student, ['body.31'], ['body.15'],        # krdistill.build
+                           kd_opt={'type': 'FitNetLoss'}, output_kd_opt={'type': 'OutputKDLoss'})
+    opt = torch.optim.Adam(list(student.parameters()) + dist.kd_parameters(), 2e-4)
+    for lq, gt in loader:
+        step = dist.train_step(lq, gt, opt)     # step.logs: l_pix, l_kd_fitnet, l_kd_out; step.skipped
+
+A step whose loss or gradients are not finite is not taken (``step.skipped`` says why); what to do
+about it (count, stop) is the caller's policy.
 """
 from __future__ import annotations
 
+import dataclasses
 from collections import OrderedDict
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -22,7 +28,9 @@ from torch.func import functional_call
 
 from .features import FeatureRecorder, unwrap
 
-__all__ = ['Distiller', 'probe', 'freeze_teacher']
+__all__ = ['Distiller', 'StepResult', 'probe', 'freeze_teacher', 'all_finite', 'average_over_ranks', 'world_size']
+
+TeacherOutput = tuple  # (out_t, [feat_t per point])
 
 
 def freeze_teacher(teacher: nn.Module) -> nn.Module:
@@ -51,25 +59,70 @@ def probe(net: nn.Module, layers: Sequence[str], lq: torch.Tensor, key: str = 'l
     return tuple(out.shape), shapes
 
 
-class Distiller(nn.Module):
-    """Compute knowledge-distillation terms between a frozen teacher and a student.
+def world_size() -> int:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_world_size()
+    return 1
 
-    Only the KD loss modules (e.g. FitNet regressors, KRNets) are sub-modules, so
-    ``state_dict()`` holds exactly the training-only KD state.
+
+def average_over_ranks(tensors: Sequence[torch.Tensor]) -> None:
+    """In-place mean over ranks (no-op in one process)."""
+    world = world_size()
+    if world == 1:
+        return
+    for t in tensors:
+        torch.distributed.all_reduce(t)
+        t.div_(world)
+
+
+def all_finite(tensors: Sequence[torch.Tensor | None]) -> bool:
+    """True when every given tensor (None entries skipped) holds only finite values (one sync)."""
+    ts = [t for t in tensors if t is not None]
+    if not ts:
+        return True
+    return bool(torch.isfinite(torch.stack([torch.linalg.vector_norm(t.detach().float()) for t in ts])).all())
+
+
+def _raw(optimizer):
+    """The ``torch.optim`` optimizer under a wrapper (mmengine's ``OptimWrapper`` has ``.optimizer``)."""
+    return getattr(optimizer, 'optimizer', optimizer)
+
+
+@dataclasses.dataclass
+class StepResult:
+    """What one :meth:`Distiller.train_step` did.
+
+    ``logs``: detached scalars (``l_total``, the loss terms and, for MetaKD, ``l_meta``,
+    ``meta_grad_norm``, ``t_meta``); ``skipped``: None when every step was taken, else why a
+    step was not (non-finite loss or gradients); ``output``: the student's SR output (detached).
+    """
+    logs: 'OrderedDict[str, torch.Tensor]'
+    skipped: str | None = None
+    output: torch.Tensor | None = None
+
+
+class Distiller(nn.Module):
+    """Knowledge distillation from a frozen teacher into a student (output KD, FitNet, AT, FAKD, ...).
+
+    Only the KD loss modules (e.g. FitNet regressors) are sub-modules, so ``state_dict()`` holds
+    exactly the training-only KD state.
 
     Args:
-        teacher: teacher network; frozen here (``eval``, no grad) and run under ``no_grad``.
+        teacher: teacher network; frozen here (``eval``, no grad), run under ``no_grad``. May be
+            None when no term needs it (the student alone).
         student: student network (may be DDP/DP-wrapped; hooks go on the bare module).
         teacher_layers: dotted module names of the teacher, one per distillation point.
         student_layers: dotted module names of the student, same length.
         pair_losses: one loss module per point, called as ``loss(feat_s, feat_t)``; or None.
         output_loss: loss on the SR outputs, ``loss(out_s, out_t)``; or None.
+        pixel_loss: the reconstruction loss ``(sr, gt) -> tensor`` (logged as ``l_pix``) or
+            ``-> {name: tensor}`` (several terms, e.g. BasicSR's pixel and perceptual losses).
         keys: option keys named in error messages.
     """
 
-    def __init__(self, teacher: nn.Module, student: nn.Module, teacher_layers: Sequence[str],
-                 student_layers: Sequence[str], pair_losses: Sequence[nn.Module] | None = None,
-                 output_loss: nn.Module | None = None,
+    def __init__(self, teacher: nn.Module | None, student: nn.Module, teacher_layers: Sequence[str] = (),
+                 student_layers: Sequence[str] = (), pair_losses: Sequence[nn.Module] | None = None,
+                 output_loss: nn.Module | None = None, pixel_loss: Callable | None = None,
                  keys: Mapping[str, str] | None = None):
         super().__init__()
         keys = {'teacher_layers': 'teacher_layers', 'student_layers': 'student_layers', **(keys or {})}
@@ -79,26 +132,43 @@ class Distiller(nn.Module):
                              f'{keys["student_layers"]} ({len(student_layers)} names) must pair up one to one')
         if pair_losses is not None and len(pair_losses) != len(student_layers):
             raise ValueError(f'{len(pair_losses)} pair losses for {len(student_layers)} distillation points')
+        if teacher is None and (teacher_layers or output_loss is not None):
+            raise ValueError('Distiller: a teacher is needed for feature or output KD terms')
         # Not sub-modules: the teacher is never saved, the student belongs to the caller.
-        object.__setattr__(self, 'teacher', freeze_teacher(unwrap(teacher)))
+        object.__setattr__(self, 'teacher', freeze_teacher(unwrap(teacher)) if teacher is not None else None)
         object.__setattr__(self, 'student', student)
         self.teacher_layers = teacher_layers
         self.student_layers = student_layers
-        self.rec_t = FeatureRecorder(self.teacher, teacher_layers, key=keys['teacher_layers'], detach=True)
-        self.rec_s = FeatureRecorder(student, student_layers, key=keys['student_layers'])
+        self.rec_t = FeatureRecorder(self.teacher, teacher_layers, key=keys['teacher_layers'], detach=True) \
+            if teacher_layers else None
+        self.rec_s = FeatureRecorder(student, student_layers, key=keys['student_layers']) if student_layers else None
         self.pair_losses = nn.ModuleList(pair_losses or [])
         self.output_loss = output_loss
+        self.pixel_loss = pixel_loss
 
     def train(self, mode: bool = True) -> 'Distiller':
         super().train(mode)
-        self.teacher.eval()  # the teacher stays in eval mode whatever the caller does
+        if self.teacher is not None:
+            self.teacher.eval()  # the teacher stays in eval mode whatever the caller does
         return self
 
+    def set_student(self, student: nn.Module) -> None:
+        """Use ``student`` (e.g. the DDP wrapper a framework put around the same bare network)."""
+        if unwrap(student) is not unwrap(self.student):
+            raise ValueError('set_student: not the same bare network the feature hooks are on')
+        object.__setattr__(self, 'student', student)
+
+    # ------------------------------------------------------------------ forwards and terms
+    def needs_teacher(self) -> bool:
+        return bool(self.teacher_layers) or self.output_loss is not None
+
     @torch.no_grad()
-    def teacher_forward(self, lq: torch.Tensor):
-        """Teacher output and features (no graph)."""
+    def teacher_forward(self, lq: torch.Tensor) -> TeacherOutput:
+        """Teacher output and features (no graph); ``(None, [])`` when no term uses the teacher."""
+        if not self.needs_teacher():
+            return None, []
         self.teacher.eval()
-        if self.teacher_layers:
+        if self.rec_t is not None:
             with self.rec_t:
                 out = self.teacher(lq)
             return out, self.rec_t.features()
@@ -108,25 +178,126 @@ class Distiller(nn.Module):
         """Student output and features (with graph). ``params``: run with these parameters instead
         (``torch.func.functional_call`` on the bare student; used by the meta step)."""
         net = self.student if params is None else unwrap(self.student)
-        if not self.student_layers:
-            return (net(lq) if params is None else functional_call(net, dict(params), (lq,))), []
+
+        def run():
+            return net(lq) if params is None else functional_call(net, dict(params), (lq,))
+
+        if self.rec_s is None:
+            return run(), []
         with self.rec_s:
-            out = net(lq) if params is None else functional_call(net, dict(params), (lq,))
+            out = run()
         return out, self.rec_s.features()
 
-    def kd_terms(self, out_s: torch.Tensor, feats_s: Sequence[torch.Tensor], out_t: torch.Tensor,
+    def pixel_terms(self, sr: torch.Tensor, gt: torch.Tensor) -> 'OrderedDict[str, torch.Tensor]':
+        if self.pixel_loss is None:
+            return OrderedDict()
+        value = self.pixel_loss(sr, gt)
+        if isinstance(value, Mapping):
+            return OrderedDict((k, v) for k, v in value.items() if v is not None)
+        return OrderedDict(l_pix=value)
+
+    def kd_terms(self, out_s: torch.Tensor, feats_s: Sequence[torch.Tensor], out_t: torch.Tensor | None,
                  feats_t: Sequence[torch.Tensor]) -> 'OrderedDict[str, torch.Tensor]':
-        """Named KD loss terms: ``l_kd_<tag>`` summed over points, and ``l_kd_out``."""
+        """Named KD loss terms: ``log_key`` of the loss or ``l_kd_<tag>``, summed over points, and ``l_kd_out``."""
         terms: 'OrderedDict[str, torch.Tensor]' = OrderedDict()
-        per_tag: dict[str, list] = {}
+        per_key: dict[str, list] = {}
         for loss, fs, ft in zip(self.pair_losses, feats_s, feats_t):
-            per_tag.setdefault(getattr(loss, 'tag', 'feat'), []).append(loss(fs, ft))
-        for tag, values in per_tag.items():
-            terms[f'l_kd_{tag}'] = torch.stack(values).sum()
+            name = getattr(loss, 'log_key', None) or f'l_kd_{getattr(loss, "tag", "feat")}'
+            per_key.setdefault(name, []).append(loss(fs, ft))
+        for name, values in per_key.items():
+            terms[name] = torch.stack(values).sum()  # never torch.tensor([...]): it would cut the graph
         if self.output_loss is not None:
             terms['l_kd_out'] = self.output_loss(out_s, out_t)
         return terms
 
+    def loss(self, lq: torch.Tensor, gt: torch.Tensor, teacher: TeacherOutput | None = None,
+             params: Mapping[str, torch.Tensor] | None = None):
+        """Student objective ``L_pix + sum of KD terms`` on a batch: ``(total, terms, sr)``.
+
+        ``teacher``: ``(out_t, feats_t)`` computed before (e.g. cached); default a teacher forward.
+        ``params``: evaluate the student with these parameters (meta step).
+        """
+        out_t, feats_t = teacher if teacher is not None else self.teacher_forward(lq)
+        sr, feats_s = self.student_forward(lq, params)
+        terms = self.pixel_terms(sr, gt)
+        terms.update(self.kd_terms(sr, feats_s, out_t, feats_t))
+        if not terms:
+            raise ValueError('Distiller: the objective has no term (set a pixel loss or a KD loss)')
+        return torch.stack(list(terms.values())).sum(), terms, sr
+
+    # ------------------------------------------------------------------ parameters
+    def kd_parameters(self) -> list[nn.Parameter]:
+        """Trainable parameters of the KD losses (FitNet regressors): stepped with the student."""
+        return [p for p in self.pair_losses.parameters() if p.requires_grad]
+
+    def trained_kd_parameters(self) -> list[nn.Parameter]:
+        """Training-only parameters that the student objective trains (outside any DDP wrapper)."""
+        return self.kd_parameters()
+
+    def grad_inputs(self) -> list[torch.Tensor]:
+        """What the student objective is differentiated for: the student's trainable parameters
+        and :meth:`trained_kd_parameters`."""
+        own = [p for p in unwrap(self.student).parameters() if p.requires_grad]
+        return own + self.trained_kd_parameters()
+
+    def backward(self, loss: torch.Tensor, optimizer=None) -> None:
+        """Backward of the student objective into :meth:`grad_inputs` only (through the
+        optimizer's own ``backward`` when it has one, e.g. mmengine's ``OptimWrapper`` for AMP).
+        Under ``torch.distributed`` the training-only parameters' gradients are averaged over
+        ranks (the student's are averaged by its DDP wrapper)."""
+        inputs = self.grad_inputs()
+        if optimizer is not None and hasattr(optimizer, 'backward'):
+            optimizer.backward(loss, inputs=inputs)
+        else:
+            loss.backward(inputs=inputs)
+        average_over_ranks([p.grad for p in self.trained_kd_parameters() if p.grad is not None])
+
+    def broadcast_parameters(self) -> None:
+        """Under ``torch.distributed``: give every rank rank 0's training-only parameters (at start)."""
+        if world_size() > 1:
+            for p in self.parameters():
+                torch.distributed.broadcast(p.data, src=0)
+
+    # ------------------------------------------------------------------ the iteration
+    def student_step(self, lq: torch.Tensor, gt: torch.Tensor, optimizer, teacher: TeacherOutput,
+                     extra_optimizer=None) -> StepResult:
+        """Zero grads, objective, backward, and ``optimizer.step()`` (and ``extra_optimizer.step()``
+        when given) only if the loss and every gradient are finite."""
+        optimizer.zero_grad(set_to_none=True)
+        if extra_optimizer is not None:
+            extra_optimizer.zero_grad(set_to_none=True)
+        total, terms, sr = self.loss(lq, gt, teacher)
+        logs = OrderedDict(l_total=total.detach())
+        logs.update((k, v.detach()) for k, v in terms.items())
+        skipped = None
+        if not all_finite([total]):
+            bad = [k for k, v in terms.items() if not all_finite([v])]
+            skipped = f'non-finite student loss ({", ".join(bad) or "l_total"})'
+        else:
+            self.backward(total, optimizer)
+            if all_finite([p.grad for p in self.grad_inputs()]):
+                optimizer.step()
+                if extra_optimizer is not None:
+                    extra_optimizer.step()
+            else:
+                skipped = 'non-finite student gradients'
+        if skipped is not None:
+            optimizer.zero_grad(set_to_none=True)
+            if extra_optimizer is not None:
+                extra_optimizer.zero_grad(set_to_none=True)
+        return StepResult(logs, skipped, sr.detach())
+
+    def train_step(self, lq: torch.Tensor, gt: torch.Tensor, optimizer, *, teacher: TeacherOutput | None = None,
+                   it: int | None = None) -> StepResult:
+        """One iteration: teacher forward (unless ``teacher`` is given), objective, backward, step.
+
+        ``optimizer`` holds the student's parameters and :meth:`kd_parameters`. ``it`` is unused
+        here (MetaKD's meta schedule reads it).
+        """
+        teacher = teacher if teacher is not None else self.teacher_forward(lq)
+        return self.student_step(lq, gt, optimizer, teacher)
+
     def remove_hooks(self) -> None:
-        self.rec_t.remove()
-        self.rec_s.remove()
+        for rec in (self.rec_t, self.rec_s):
+            if rec is not None:
+                rec.remove()

@@ -1,80 +1,93 @@
-"""MetaKD for any PyTorch SR training loop (torch only; BasicSR's ``MetaKDModel`` is a thin user).
+"""MetaKD: the one implementation of the method's objective, meta step and iteration (torch only).
 
-Building it from option blocks (KRNets from ``network_kr``, losses, ``optim_kr``) and the
-per-iteration bookkeeping (meta batch, checkpoints) are done by :class:`krdistill.api.MetaKD`.
+Reconstructed from the abstract of Zhu, Liu, Chen, "Learning Knowledge Representation with Meta
+Knowledge Distillation for Single Image Super-Resolution", arXiv 2207.08356 (our design and its
+reasoning: ``docs/METAKD.md``). KRNets turn student features and the teacher-student correlation
+into texture-aware dynamic kernels; the same kernels extract the student's textures and the
+teacher's guidance (texture-wise loss); the KRNets are trained by a meta objective: the student's
+pixel loss after a virtual step.
 
-Reconstructed from the abstract of Zhu, Liu, Chen, arXiv 2207.08356: KRNets turn student
-features and the teacher-student correlation into texture-aware dynamic kernels; the same
-kernels extract the student's textures and the teacher's guidance (texture-wise loss); the
-KRNets are trained by a meta objective: the student's pixel loss after a virtual step.
+BasicSR's ``MetaKDModel``, the mmengine ``MetaKDSRModel``, the plain-loop example and the
+benchmark all run :meth:`MetaKD.train_step`; they only build it (:func:`krdistill.build.build_metakd`)
+and own the optimizers::
 
-One iteration (``update='meta'``)::
+    mkd = build_metakd(teacher, student, ['body.31'], ['body.15'], network_kr={'type': 'KRNet'},
+                       texture_opt={'type': 'TextureWiseLoss'}, meta={'every': 4})
+    opt = torch.optim.Adam(student.parameters(), 2e-4)
+    opt_kr = build_optimizer({'type': 'Adam', 'lr': 1e-4}, mkd.kr_parameters())
+    for lq, gt in loader:
+        step = mkd.train_step(lq, gt, opt, opt_kr)   # meta step (every `every`), then the student step
 
-    out_t, feats_t = mkd.teacher_forward(lq)                    # once, no graph
-    if mkd.is_meta_iter(it):
-        mkd.meta_step(lq, gt, lq_m, gt_m, out_t, feats_t, student_optimizer=opt_s)  # alpha: opt_s's lr
-        opt_kr.step()                                           # KRNet grads were set by meta_step
-    opt_s.zero_grad()
-    loss, terms, out = mkd.objective(lq, gt, out_t, feats_t)
-    mkd.backward(loss)                                          # into the student only (update='meta')
-    opt_s.step()
+One iteration: the teacher runs once (or its cached output is passed as ``teacher=``); on meta
+iterations the meta gradient of the KRNets is computed on the meta batch (``meta_data`` if given,
+else the previous training batch, else the current one) and ``optimizer_kr`` steps; then the
+student objective is minimised by ``optimizer``. No step is taken on non-finite values.
 """
 from __future__ import annotations
 
+import itertools
 import time
 from collections import OrderedDict
-from typing import Callable, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
 from torch.func import functional_call
 
-from .distiller import Distiller
+from .distiller import Distiller, StepResult, TeacherOutput, _raw, all_finite, average_over_ranks, world_size
 from .features import unwrap
 from .losses.texture_loss import TextureWiseLoss
 from .meta import adam_preconditioner, meta_gradient
 
-__all__ = ['KRTextureTerm', 'MetaDistiller', 'META_DEFAULTS']
+__all__ = ['MetaKD', 'KRTextureTerm', 'META_DEFAULTS', 'check_meta_options']
 
-#: the ``meta:`` block of an option file, with the design's defaults
-META_DEFAULTS = dict(every=1, mode='exact', inner_lr=None, precond='none', update='meta', fd_eps=0.01, adapters='meta')
+#: the ``meta:`` block of an option file, with the design's defaults (``dataset``: BasicSR only)
+META_DEFAULTS = dict(every=1, mode='exact', inner_lr=None, precond='none', update='meta', fd_eps=0.01,
+                     adapters='meta')
 _CHOICES = dict(mode=('exact', 'finite_difference'), precond=('none', 'adam'), update=('meta', 'joint', 'frozen'),
                 adapters=('meta', 'joint', 'student'))
 
 
-def check_meta_options(meta: dict | None, key: str = 'meta') -> dict:
+def _number_error(key: str, value: Any, what: str) -> ValueError:
+    hint = ''
+    if isinstance(value, str):
+        hint = (f' (it was read as the string {value!r}: YAML 1.1 reads 1e-4 as a string; write it with a dot '
+                'and a sign, e.g. 1.0e-4)')
+    return ValueError(f'{key}: must be {what}, got {value!r}{hint}')
+
+
+def check_number(value: Any, key: str, *, minimum: float | None = None, exclusive: bool = False,
+                 integer: bool = False) -> float | int:
+    """Validate one numeric option; the error names ``key`` (and explains YAML's ``1e-4`` string)."""
+    ok_type = (int, ) if integer else (int, float)
+    what = 'an integer' if integer else 'a number'
+    if minimum is not None:
+        what += f' {">" if exclusive else ">="} {minimum:g}'
+    if isinstance(value, bool) or not isinstance(value, ok_type) or value != value:  # NaN != NaN
+        raise _number_error(key, value, what)
+    if minimum is not None and (value < minimum or (exclusive and value == minimum)):
+        raise _number_error(key, value, what)
+    return value
+
+
+def check_meta_options(meta: Mapping | None, key: str = 'meta', extra_keys: Sequence[str] = ()) -> dict:
     """Fill defaults and validate a ``meta:`` block; errors name ``meta.<key>``."""
-    if meta is not None and not isinstance(meta, dict):
+    if meta is not None and not isinstance(meta, Mapping):
         raise TypeError(f'{key}: must be a mapping of {sorted(META_DEFAULTS)}, got {type(meta).__name__}')
     meta = dict(meta or {})
-    unknown = sorted(set(meta) - set(META_DEFAULTS))
+    allowed = set(META_DEFAULTS) | set(extra_keys)
+    unknown = sorted(set(meta) - allowed)
     if unknown:
-        raise KeyError(f'{key}: unknown key(s) {unknown}; allowed: {sorted(META_DEFAULTS)}')
+        raise KeyError(f'{key}: unknown key(s) {unknown}; allowed: {sorted(allowed)}')
     out = dict(META_DEFAULTS, **meta)
     for k, choices in _CHOICES.items():
         if out[k] not in choices:
             raise ValueError(f'{key}.{k}: must be one of {list(choices)}, got {out[k]!r}')
-    if not isinstance(out['every'], int) or isinstance(out['every'], bool) or out['every'] < 1:
-        raise ValueError(f'{key}.every: must be an integer >= 1, got {out["every"]!r}')
-    if out['inner_lr'] is not None and (not isinstance(out['inner_lr'], (int, float)) or out['inner_lr'] <= 0):
-        raise ValueError(f'{key}.inner_lr: must be null (the student\'s current lr) or a number > 0, '
-                         f'got {out["inner_lr"]!r}')
-    if not isinstance(out['fd_eps'], (int, float)) or out['fd_eps'] <= 0:
-        raise ValueError(f'{key}.fd_eps: must be a number > 0, got {out["fd_eps"]!r}')
+    check_number(out['every'], f'{key}.every', minimum=1, integer=True)
+    if out['inner_lr'] is not None:
+        check_number(out['inner_lr'], f'{key}.inner_lr (null: the student\'s current lr)', minimum=0, exclusive=True)
+    check_number(out['fd_eps'], f'{key}.fd_eps', minimum=0, exclusive=True)
     return out
-
-
-def _world_size() -> int:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_world_size()
-    return 1
-
-
-def _average_over_ranks(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Differentiable mean over ranks (the virtual step then uses the global-batch gradient)."""
-    from torch.distributed.nn.functional import all_reduce
-    world = torch.distributed.get_world_size()
-    return [all_reduce(t.contiguous()) / world for t in tensors]
 
 
 class KRTextureTerm(nn.Module):
@@ -92,8 +105,10 @@ class KRTextureTerm(nn.Module):
         return self.texture_loss(self.krnet(feat_s, feat_t))
 
 
-class MetaDistiller(Distiller):
-    """Teacher, student, KRNets, texture-wise loss and the meta update in one object.
+class MetaKD(Distiller):
+    """Meta knowledge distillation (MetaKD, arXiv 2207.08356, reconstructed): student objective
+    ``L_S = L_pix + lambda_tex L_tex [+ lambda_out L_out]``, KRNets meta-learned on
+    ``L_pix(S_theta'(x_m), y_m)`` after a virtual student step ``theta'``.
 
     Args:
         teacher, student, teacher_layers, student_layers: as :class:`~krdistill.distiller.Distiller`.
@@ -103,36 +118,45 @@ class MetaDistiller(Distiller):
         pixel_loss: ``(sr, gt) -> scalar``; the student's reconstruction loss, also the meta
             objective. Default: L1.
         output_loss: optional output-KD loss added to the student objective (lambda_out).
-        meta: the ``meta:`` options (:data:`META_DEFAULTS`): ``every``, ``mode``
-            (exact | finite_difference), ``inner_lr`` (None: the student's current lr),
-            ``precond`` (none | adam), ``update`` (meta | joint | frozen), ``fd_eps``,
+        meta: the ``meta:`` options (:data:`META_DEFAULTS`, validated by :func:`check_meta_options`):
+            ``every``, ``mode`` (exact | finite_difference), ``inner_lr`` (None: the student's current
+            lr), ``precond`` (none | adam), ``update`` (meta | joint | frozen), ``fd_eps``,
             ``adapters`` (meta | joint | student): how the KRNets' 1x1 alignment convs
-            (``adapter_s``, ``adapter_t``) are trained. ``meta`` (default): like the rest of the
-            KRNet. ``joint``: both minimise the student objective at every iteration, like a FitNet
-            regressor (alignment is regression; the texture representation, i.e. kernels and
-            weights, stays meta-learned; KRNet's normalisation keeps them from collapsing to 0).
-            ``student``: only ``adapter_s`` does. They are stepped by the KRNets' optimizer.
+            (``adapter_s``, ``adapter_t``) are trained: like the rest of the KRNet (``meta``), on the
+            student objective at every iteration like a FitNet regressor (``joint``: both;
+            ``student``: only ``adapter_s``). They are stepped by the KRNets' optimizer.
+        meta_data: optional iterable of meta batches, ``(lq, gt)`` pairs or mappings with ``lq`` /
+            ``gt`` (a held-out split), cycled. Without it the meta batch is the previous training
+            batch whose step was taken (the current one at the first iteration).
     """
 
     def __init__(self, teacher: nn.Module, student: nn.Module, teacher_layers: Sequence[str],
-                 student_layers: Sequence[str], krnets: Sequence[nn.Module],
-                 texture_loss: nn.Module | None = None,
+                 student_layers: Sequence[str], krnets: Sequence[nn.Module], texture_loss: nn.Module | None = None,
                  pixel_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
-                 output_loss: nn.Module | None = None, meta: dict | None = None, keys: dict | None = None):
+                 output_loss: nn.Module | None = None, meta: Mapping | None = None,
+                 meta_data: Iterable | None = None, keys: Mapping[str, str] | None = None):
         texture_loss = texture_loss if texture_loss is not None else TextureWiseLoss()
+        if not student_layers:
+            raise ValueError('MetaKD needs at least one (teacher_module, student_module) distillation point')
         if len(krnets) != len(student_layers):
             raise ValueError(f'{len(krnets)} KRNets for {len(student_layers)} distillation points')
         terms = [KRTextureTerm(kr, texture_loss) for kr in krnets]
         super().__init__(teacher, student, teacher_layers, student_layers, pair_losses=terms,
-                         output_loss=output_loss, keys=keys)
+                         output_loss=output_loss, pixel_loss=pixel_loss if pixel_loss is not None else nn.L1Loss(),
+                         keys=keys)
         self.krnets = nn.ModuleList(krnets)
-        self.pixel_loss = pixel_loss if pixel_loss is not None else nn.L1Loss()
         self.meta = check_meta_options(meta)
+        self.set_meta_data(meta_data)
+        self._calls = 0          # train_step calls: the iteration when no `it` is given
+        self._last_batch = None  # (lq, gt) of the last iteration whose steps were all taken
 
-    # ------------------------------------------------------------------ objective
+    # ------------------------------------------------------------------ parameters
     def kr_parameters(self) -> list[nn.Parameter]:
         """Every trainable KRNet parameter (what ``optimizer_kr`` holds)."""
         return [p for p in self.krnets.parameters() if p.requires_grad]
+
+    def kd_parameters(self) -> list[nn.Parameter]:
+        return []  # the KRNets have their own optimizer
 
     def joint_kr_parameters(self) -> list[nn.Parameter]:
         """KRNet parameters trained on the student objective at every iteration: all of them with
@@ -150,89 +174,157 @@ class MetaDistiller(Distiller):
                 params += [p for p in mod.parameters() if p.requires_grad]
         return params
 
+    def trained_kd_parameters(self) -> list[nn.Parameter]:
+        return self.joint_kr_parameters()
+
     def meta_kr_parameters(self) -> list[nn.Parameter]:
         """KRNet parameters trained by the meta objective (none with ``update='joint'``)."""
         joint = {id(p) for p in self.joint_kr_parameters()}
         return [p for p in self.kr_parameters() if id(p) not in joint]
 
-    def objective(self, lq: torch.Tensor, gt: torch.Tensor, out_t: torch.Tensor | None = None,
-                  feats_t: Sequence[torch.Tensor] | None = None, params: dict | None = None):
-        """Student objective ``L_S = L_pix + lambda_tex * L_tex [+ lambda_out * L_out]``.
+    # ------------------------------------------------------------------ meta batches
+    def set_meta_data(self, meta_data: Iterable | None) -> None:
+        """Draw meta batches from ``meta_data`` (cycled), or from the previous batch when None."""
+        self._meta_iter = None if meta_data is None else \
+            iter(itertools.chain.from_iterable(itertools.repeat(meta_data)))
 
-        Returns ``(total, terms, sr)``; ``terms`` holds ``l_pix``, ``l_texture`` (and
-        ``l_kd_out``) for logging. ``params``: evaluate the student with these parameters.
-        """
-        if out_t is None or feats_t is None:
-            out_t, feats_t = self.teacher_forward(lq)
-        sr, feats_s = self.student_forward(lq, params)
-        terms = OrderedDict(l_pix=self.pixel_loss(sr, gt))
-        terms.update(self.kd_terms(sr, feats_s, out_t, feats_t))
-        return torch.stack(list(terms.values())).sum(), terms, sr
+    def meta_batch(self, lq: torch.Tensor, gt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The meta batch for the current ``(lq, gt)``: from ``meta_data`` if set, else the previous
+        training batch, else (first iteration) the current one."""
+        if self._meta_iter is not None:
+            data = next(self._meta_iter)
+            lq_m, gt_m = (data['lq'], data['gt']) if isinstance(data, Mapping) else data[:2]
+            return lq_m.to(lq.device), gt_m.to(gt.device)
+        if self._last_batch is not None:
+            return self._last_batch
+        return lq, gt
 
-    def kd_terms(self, out_s, feats_s, out_t, feats_t):
-        terms = super().kd_terms(out_s, feats_s, out_t, feats_t)
-        if 'l_kd_texture' in terms:  # the design's log key
-            terms = OrderedDict((KRTextureTerm.log_key if k == 'l_kd_texture' else k, v) for k, v in terms.items())
-        return terms
-
-    def grad_inputs(self) -> list[torch.Tensor]:
-        """The tensors the student objective is differentiated for: the student's trainable
-        parameters, plus :meth:`joint_kr_parameters`."""
-        return [p for p in unwrap(self.student).parameters() if p.requires_grad] + self.joint_kr_parameters()
-
-    def backward(self, loss: torch.Tensor) -> None:
-        """Backward of the student objective into :meth:`grad_inputs`: the student and the
-        :meth:`joint_kr_parameters` (none with the defaults)."""
-        loss.backward(inputs=self.grad_inputs())
-
-    # ------------------------------------------------------------------ meta step
     def is_meta_iter(self, it: int) -> bool:
         """Whether iteration ``it`` (1-based) runs a meta step."""
         return self.meta['update'] == 'meta' and it % self.meta['every'] == 0
 
-    def inner_lr(self, student_optimizer: torch.optim.Optimizer | None) -> float:
+    # ------------------------------------------------------------------ meta step
+    def inner_lr(self, student_optimizer) -> float:
         if self.meta['inner_lr'] is not None:
             return float(self.meta['inner_lr'])
         if student_optimizer is None:
             raise ValueError('meta.inner_lr is null (use the student\'s lr) but no student optimizer was given')
-        return float(student_optimizer.param_groups[0]['lr'])
+        return float(_raw(student_optimizer).param_groups[0]['lr'])
 
-    def meta_step(self, lq: torch.Tensor, gt: torch.Tensor, lq_meta: torch.Tensor, gt_meta: torch.Tensor,
-                  out_t: torch.Tensor | None = None, feats_t: Sequence[torch.Tensor] | None = None,
-                  student_optimizer: torch.optim.Optimizer | None = None) -> dict:
-        """Set ``.grad`` of the KRNet parameters to ``d L_meta(theta'(phi)) / d phi``.
+    def meta_grad(self, lq: torch.Tensor, gt: torch.Tensor, lq_meta: torch.Tensor, gt_meta: torch.Tensor,
+                  teacher: TeacherOutput | None = None, student_optimizer=None) -> 'OrderedDict[str, torch.Tensor]':
+        """Set ``.grad`` of :meth:`meta_kr_parameters` to ``d L_meta(theta'(phi)) / d phi``.
 
-        ``theta' = theta - alpha * grad_theta L_S(theta, phi)`` on ``(lq, gt)``;
-        ``L_meta = L_pix(S_theta'(lq_meta), gt_meta)``. The student is not changed. Under
-        ``torch.distributed`` the KRNet gradients are averaged over ranks. The caller steps the
-        KRNet optimizer. Returns detached scalars ``l_meta``, ``meta_grad_norm``, ``t_meta``.
+        ``theta' = theta - alpha * grad_theta L_S(theta, phi)`` on ``(lq, gt)`` (Adam-preconditioned
+        with ``meta.precond: adam``); ``L_meta = L_pix(S_theta'(lq_meta), gt_meta)``. The student
+        is not changed. Under ``torch.distributed`` the virtual step uses the global-batch gradient
+        and the KRNet gradients are averaged over ranks. The caller steps the KRNet optimizer.
+        Returns detached scalars ``l_meta``, ``meta_grad_norm``, ``t_meta`` (seconds).
         """
         t0 = time.perf_counter()
-        if out_t is None or feats_t is None:
-            out_t, feats_t = self.teacher_forward(lq)
+        teacher = teacher if teacher is not None else self.teacher_forward(lq)
         bare = unwrap(self.student)
         precond = None
         if self.meta['precond'] == 'adam':
             if student_optimizer is None:
                 raise ValueError('meta.precond: adam needs the student optimizer')
-            precond = adam_preconditioner(student_optimizer, bare.named_parameters())
+            precond = adam_preconditioner(_raw(student_optimizer), bare.named_parameters())
         kr_params = self.meta_kr_parameters()
 
         def student_loss(params):
-            return self.objective(lq, gt, out_t, feats_t, params)[0]
+            return self.loss(lq, gt, teacher, params)[0]
 
         def meta_loss(params):
             return self.pixel_loss(functional_call(bare, params, (lq_meta,)), gt_meta)
 
-        world = _world_size()
-        grads, info = meta_gradient(self.student, student_loss, meta_loss, kr_params, lr=self.inner_lr(
-            student_optimizer), mode=self.meta['mode'], precond=precond, fd_eps=self.meta['fd_eps'],
-            reduce=_average_over_ranks if world > 1 else None)
-        if world > 1:  # the meta gradient of the global batch: average over ranks
-            for g in grads:
-                torch.distributed.all_reduce(g)
-                g.div_(world)
+        distributed = world_size() > 1
+        grads, info = meta_gradient(self.student, student_loss, meta_loss, kr_params,
+                                    lr=self.inner_lr(student_optimizer), mode=self.meta['mode'], precond=precond,
+                                    fd_eps=self.meta['fd_eps'], reduce=_differentiable_mean if distributed else None)
+        average_over_ranks(grads)
         for p, g in zip(kr_params, grads):
             p.grad = g
-        return dict(l_meta=info['l_meta'], meta_grad_norm=info['grad_norm'],
-                    t_meta=torch.tensor(time.perf_counter() - t0))
+        return OrderedDict(l_meta=info['l_meta'], meta_grad_norm=info['grad_norm'],
+                           t_meta=torch.tensor(time.perf_counter() - t0))
+
+    # ------------------------------------------------------------------ the iteration
+    def train_step(self, lq: torch.Tensor, gt: torch.Tensor, optimizer, optimizer_kr=None, *,
+                   teacher: TeacherOutput | None = None, it: int | None = None) -> StepResult:
+        """One MetaKD iteration: the meta step on meta iterations, then the student step.
+
+        Args:
+            optimizer: the student's optimizer (or an mmengine ``OptimWrapper``); its current lr is
+                the virtual step size unless ``meta.inner_lr`` is set, and ``meta.precond: adam``
+                reads its state.
+            optimizer_kr: the KRNets' optimizer; needed unless ``meta.update`` is ``frozen`` with
+                no joint adapters.
+            teacher: ``(out_t, feats_t)`` of this batch, e.g. from a cache; default one teacher forward.
+            it: the 1-based iteration (the meta schedule); default the number of calls so far.
+
+        Returns:
+            :class:`~krdistill.distiller.StepResult`: ``logs`` (``l_total``, ``l_pix``,
+            ``l_texture`` [, ``l_kd_out``] [, ``l_meta``, ``meta_grad_norm``, ``t_meta``]) and
+            ``skipped`` (why a step was not taken, or None).
+        """
+        self._calls += 1
+        it = self._calls if it is None else int(it)
+        if optimizer_kr is None and (self.kr_parameters() and self.meta['update'] != 'frozen'
+                                     or self.joint_kr_parameters()):
+            raise ValueError('MetaKD.train_step: optimizer_kr is needed to train the KRNets')
+        teacher = teacher if teacher is not None else self.teacher_forward(lq)
+        info: 'OrderedDict[str, torch.Tensor]' = OrderedDict()
+        skipped = None
+        if self.is_meta_iter(it):
+            lq_m, gt_m = self.meta_batch(lq, gt)
+            optimizer_kr.zero_grad(set_to_none=True)
+            info = self.meta_grad(lq, gt, lq_m, gt_m, teacher, student_optimizer=optimizer)
+            if all_finite([info['l_meta']]) and all_finite([p.grad for p in self.meta_kr_parameters()]):
+                optimizer_kr.step()
+            else:
+                skipped = 'non-finite meta loss or KRNet meta gradients'
+            optimizer_kr.zero_grad(set_to_none=True)
+        joint = optimizer_kr if self.joint_kr_parameters() else None
+        step = self.student_step(lq, gt, optimizer, teacher, extra_optimizer=joint)
+        step.logs.update(info)
+        step.skipped = '; '.join(s for s in (skipped, step.skipped) if s) or None
+        if step.skipped is None:  # a bad batch is never the next meta batch
+            self._last_batch = (lq.detach(), gt.detach())
+        return step
+
+    # ------------------------------------------------------------------ checkpoints
+    def meta_state_dict(self, keep_batch: bool = True) -> dict:
+        """The meta fallback state: the call counter and (``keep_batch``) the last batch seen."""
+        state: dict[str, Any] = {'calls': self._calls}
+        if keep_batch and self._last_batch is not None:
+            state['last_batch'] = [t.detach().cpu().clone() for t in self._last_batch]
+        return state
+
+    def load_meta_state_dict(self, state: Mapping) -> None:
+        self._calls = int(state.get('calls', 0))
+        batch = state.get('last_batch')
+        if batch is not None:
+            device = next(iter(unwrap(self.student).parameters())).device
+            self._last_batch = tuple(t.to(device) for t in batch)
+        else:
+            self._last_batch = None
+
+    def training_state_dict(self) -> dict:
+        """``{'krnets', 'meta_state'}``: the KRNets and the meta fallback state (tensors, numbers
+        only: loads with ``torch.load(..., weights_only=True)``). Save the optimizers beside it."""
+        return {'krnets': self.krnets.state_dict(), 'meta_state': self.meta_state_dict()}
+
+    def load_training_state_dict(self, state: Mapping, strict: bool = True) -> None:
+        missing = [k for k in ('krnets', 'meta_state') if k not in state]
+        if strict and missing:
+            raise KeyError(f'MetaKD.load_training_state_dict: missing {missing} (has {sorted(state)})')
+        if 'krnets' in state:
+            self.krnets.load_state_dict(state['krnets'], strict=strict)
+        if 'meta_state' in state:
+            self.load_meta_state_dict(state['meta_state'])
+
+
+def _differentiable_mean(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Differentiable mean over ranks (the virtual step then uses the global-batch gradient)."""
+    from torch.distributed.nn.functional import all_reduce
+    world = torch.distributed.get_world_size()
+    return [all_reduce(t.contiguous()) / world for t in tensors]

@@ -57,7 +57,7 @@ def tiny_opt(tmp_path: Path, model_type: str = 'KDSRModel', total_iter: int = 4,
     teacher = tmp_path / 'teacher.pth'
     if not teacher.is_file():
         save_teacher(teacher)
-    data = dict(type='PairedImageDataset', dataroot_gt=str(tmp_path / 'data' / 'HR'),
+    data = dict(type='CheckedPairedImageDataset', dataroot_gt=str(tmp_path / 'data' / 'HR'),
                 dataroot_lq=str(tmp_path / 'data' / 'LR'), io_backend=dict(type='disk'))
     train = dict(
         ema_decay=0, optim_g=dict(type='Adam', lr=1e-3, betas=[0.9, 0.99]),

@@ -1,5 +1,6 @@
-"""The framework-free MetaKD API (krdistill.api.MetaKD) in a plain loop, and its agreement with
-BasicSR's MetaKDModel (same losses, same KRNet and student update for the same weights and batch)."""
+"""The framework-free MetaKD algorithm (krdistill.metakd.MetaKD, built by krdistill.build) in a
+plain loop, and its agreement with BasicSR's MetaKDModel (same losses, same KRNet and student
+update for the same weights and batch)."""
 import copy
 import io
 import os
@@ -10,7 +11,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from krdistill.api import MetaKD
+from krdistill.build import build_metakd, build_optimizer
 
 
 class Tiny(nn.Module):
@@ -38,12 +39,33 @@ def _batch(seed, b=2, size=8):
     return F.interpolate(gt, scale_factor=0.5, mode='bicubic', antialias=True, align_corners=False), gt
 
 
+def MetaKD(teacher, student, pairs, optim_kr=None, **kw):
+    """build_metakd plus the KRNets' optimizer (kept as ``mkd.opt_kr`` for these tests)."""
+    mkd = build_metakd(teacher, student, [p[0] for p in pairs], [p[1] for p in pairs], **kw)
+    mkd.opt_kr = build_optimizer(optim_kr or dict(type='Adam', lr=1e-4), mkd.kr_parameters())
+    return mkd
+
+
 def _make(meta=None, seed=0, **kw):
     torch.manual_seed(seed)
     teacher, student = Tiny(8, 2), Tiny(4, 1)
     mkd = MetaKD(teacher, student, [('body.1', 'body.0')], network_kr=KR, optim_kr=dict(type='Adam', lr=1e-2),
                  meta=meta, **kw)
     return mkd, teacher, student
+
+
+def _step(mkd, lq, gt, opt, **kw):
+    return mkd.train_step(lq, gt, opt, mkd.opt_kr, **kw).logs
+
+
+def _meta_update(mkd, lq, gt, lq_m=None, gt_m=None, student_optimizer=None):
+    """The meta half of an iteration: meta gradient on the meta batch, one KRNet step."""
+    if lq_m is None:
+        lq_m, gt_m = mkd.meta_batch(lq, gt)
+    mkd.opt_kr.zero_grad(set_to_none=True)
+    info = mkd.meta_grad(lq, gt, lq_m, gt_m, student_optimizer=student_optimizer)
+    mkd.opt_kr.step()
+    return info
 
 
 def _snap(module):
@@ -61,7 +83,7 @@ def test_loss_decreases_in_a_plain_loop():
     lq, gt = _batch(0)
     first = None
     for _ in range(15):
-        logs = mkd.train_step(lq, gt, opt)
+        logs = _step(mkd, lq, gt, opt)
         first = first if first is not None else logs
     assert {'l_total', 'l_pix', 'l_texture', 'l_meta', 'meta_grad_norm', 't_meta'} <= set(logs)
     assert all(not v.requires_grad for v in logs.values())
@@ -75,10 +97,10 @@ def test_loss_decreases_in_a_plain_loop():
 def test_meta_update_changes_only_the_krnets(mode):
     mkd, teacher, student = _make(meta=dict(mode=mode))
     opt = torch.optim.Adam(student.parameters(), 1e-2)
-    mkd.train_step(*_batch(0), opt)  # give the student optimizer some state
+    _step(mkd, *_batch(0), opt)  # give the student optimizer some state
     t0, s0, k0, o0 = _snap(teacher), _snap(student), _snap(mkd.krnets), copy.deepcopy(opt.state_dict())
     grads0 = [None if p.grad is None else p.grad.clone() for p in student.parameters()]
-    info = mkd.meta_update(*_batch(1), student_optimizer=opt)
+    info = _meta_update(mkd, *_batch(1), student_optimizer=opt)
     assert info['meta_grad_norm'] > 0
     assert _same(_snap(student), s0), 'the meta update changed the student'
     assert all((g0 is None and p.grad is None) or torch.equal(g0, p.grad)
@@ -104,9 +126,10 @@ def test_state_round_trip_gives_identical_next_meta_update():
     mkd, teacher, student = _make()
     opt = torch.optim.Adam(student.parameters(), 1e-2)
     for s in (0, 1):
-        mkd.train_step(*_batch(s), opt)
+        _step(mkd, *_batch(s), opt)
     buf = io.BytesIO()
-    torch.save({'student': student.state_dict(), 'opt': opt.state_dict(), 'metakd': mkd.state_dict()}, buf)
+    torch.save({'student': student.state_dict(), 'opt': opt.state_dict(), 'metakd': mkd.training_state_dict(),
+                'opt_kr': mkd.opt_kr.state_dict()}, buf)
     buf.seek(0)
     ckpt = torch.load(buf, weights_only=True)  # tensors and plain containers only
 
@@ -117,59 +140,64 @@ def test_state_round_trip_gives_identical_next_meta_update():
     student2.load_state_dict(ckpt['student'])
     opt2 = torch.optim.Adam(student2.parameters(), 1e-2)
     opt2.load_state_dict(ckpt['opt'])
-    fresh.load_state_dict(ckpt['metakd'])
+    fresh.load_training_state_dict(ckpt['metakd'])
+    fresh.opt_kr.load_state_dict(ckpt['opt_kr'])
     assert _same(_snap(fresh.krnets), _snap(mkd.krnets))
-    assert str(fresh.optimizer_kr.state_dict()) == str(mkd.optimizer_kr.state_dict())
+    assert str(fresh.opt_kr.state_dict()) == str(mkd.opt_kr.state_dict())
 
     lq, gt = _batch(2)
-    a = mkd.meta_update(lq, gt, student_optimizer=opt)      # meta batch: the previous batch (_batch(1))
-    b = fresh.meta_update(lq, gt, student_optimizer=opt2)   # restored from the state
+    a = _meta_update(mkd, lq, gt, student_optimizer=opt)      # meta batch: the previous batch (_batch(1))
+    b = _meta_update(fresh, lq, gt, student_optimizer=opt2)   # restored from the state
     assert torch.equal(a['l_meta'], b['l_meta'])
     assert _same(_snap(fresh.krnets), _snap(mkd.krnets))
-    assert fresh.optimizer_kr.state_dict()['state'][0]['step'] == 3
+    assert fresh.opt_kr.state_dict()['state'][0]['step'] == 3
 
 
 def test_every_meta_batch_sources_joint_and_frozen():
     mkd, _, student = _make(meta=dict(every=2))
     opt = torch.optim.SGD(student.parameters(), 0.1)
-    assert mkd.meta_update(*_batch(0), student_optimizer=opt) == {}          # call 1: skipped
+    k0 = _snap(mkd.krnets)
+    assert 'l_meta' not in _step(mkd, *_batch(0), opt)                       # call 1: no meta step
+    assert _same(_snap(mkd.krnets), k0)
     lq, gt = _batch(1)
-    explicit = mkd.meta_update(lq, gt, *_batch(5), student_optimizer=opt)   # call 2: explicit meta batch
+    assert mkd.meta_batch(lq, gt)[0] is not lq                              # the previous batch (_batch(0))
+    assert torch.equal(mkd.meta_batch(lq, gt)[0], _batch(0)[0])
+    explicit = _meta_update(mkd, lq, gt, *_batch(5), student_optimizer=opt)  # explicit meta batch
     k = _snap(mkd.krnets)
-    mkd._calls = 1
-    fallback = mkd.meta_update(lq, gt, student_optimizer=opt)               # previous batch (_batch(0))
+    fallback = _step(mkd, lq, gt, opt)                                       # call 2: meta step, previous batch
     assert not torch.equal(explicit['l_meta'], fallback['l_meta'])
     assert not _same(_snap(mkd.krnets), k)
 
     held_out = [_batch(7)]
     mkd2, _, student2 = _make(meta=dict(inner_lr=0.05), meta_data=held_out)
-    info = mkd2.meta_update(*_batch(1), student_optimizer=None)  # inner_lr set: no optimizer needed
+    lq, gt = _batch(1)
+    info = _meta_update(mkd2, lq, gt, *mkd2.meta_batch(lq, gt), student_optimizer=None)  # inner_lr: no optimizer
     ref, _, _ = _make(meta=dict(inner_lr=0.05))
-    assert torch.equal(info['l_meta'], ref.meta_update(*_batch(1), *held_out[0])['l_meta'])
+    assert torch.equal(info['l_meta'], _meta_update(ref, *_batch(1), *held_out[0])['l_meta'])
 
     joint, _, s3 = _make(meta=dict(update='joint'))
     k3 = _snap(joint.krnets)
-    logs = joint.train_step(*_batch(0), torch.optim.SGD(s3.parameters(), 0.1))
+    logs = _step(joint, *_batch(0), torch.optim.SGD(s3.parameters(), 0.1))
     assert 'l_meta' not in logs and not _same(_snap(joint.krnets), k3)
     frozen, _, s4 = _make(meta=dict(update='frozen'))
     k4 = _snap(frozen.krnets)
-    frozen.train_step(*_batch(0), torch.optim.SGD(s4.parameters(), 0.1))
+    _step(frozen, *_batch(0), torch.optim.SGD(s4.parameters(), 0.1))
     assert _same(_snap(frozen.krnets), k4)
 
 
 def test_option_errors_name_the_key():
     teacher, student = Tiny(8, 2), Tiny(4, 1)
-    with pytest.raises(KeyError, match=r"pairs \(student module names\).*body\.0"):
+    with pytest.raises(KeyError, match=r"student_layers.*body\.0"):
         MetaKD(teacher, student, [('body.1', 'body.9')])
     with pytest.raises(KeyError, match=r'network_kr\.s_channels'):
         MetaKD(teacher, student, [('body.1', 'body.0')], network_kr=dict(type='KRNet', s_channels=4))
     with pytest.raises(KeyError, match=r'pixel_opt\.type'):
-        MetaKD(teacher, student, [('body.1', 'body.0')], pixel_opt=dict(type='PerceptualLoss'))
+        MetaKD(teacher, student, [('body.1', 'body.0')], pixel_opt=dict(type='NoSuchLoss'))
     with pytest.raises(NotImplementedError, match=r'optim_kr\.type'):
         MetaKD(teacher, student, [('body.1', 'body.0')], optim_kr=dict(type='Lion', lr=1e-4))
     with pytest.raises(ValueError, match=r'meta\.mode'):
         MetaKD(teacher, student, [('body.1', 'body.0')], meta=dict(mode='second_order'))
-    with pytest.raises(ValueError, match='pairs'):
+    with pytest.raises(ValueError, match='distillation point'):
         MetaKD(teacher, student, [])
     # modules and classes are accepted as they are
     mkd = MetaKD(teacher, student, [('body.1', 'body.0')], pixel_opt=nn.MSELoss(), network_kr=KR,
@@ -208,6 +236,7 @@ def test_same_losses_and_updates_as_basicsr_metakd_model(tmp_path):
     mkd = MetaKD(model.net_t, student, list(zip(opt['kd']['teacher_layers'], opt['kd']['student_layers'])),
                  network_kr=kr_opt, texture_opt=opt['train']['texture_opt'], pixel_opt=opt['train']['pixel_opt'],
                  optim_kr=opt['train']['optim_kr'], meta=opt['meta'])
+    assert type(mkd.pixel_loss) is type(model.distiller.pixel_loss)  # the same builder and registry
     mkd.krnets.load_state_dict(model.net_kr.state_dict())
     g = copy.deepcopy(opt['train']['optim_g'])
     opt_s = getattr(torch.optim, g.pop('type'))(student.parameters(), **g)
@@ -217,7 +246,7 @@ def test_same_losses_and_updates_as_basicsr_metakd_model(tmp_path):
         model.feed_data(data)
         model.optimize_parameters(it)
         ref = model.get_current_log()
-        logs = mkd.train_step(data['lq'], data['gt'], opt_s, it=it)
+        logs = _step(mkd, data['lq'], data['gt'], opt_s, it=it)
         for key in ('l_pix', 'l_texture', 'l_meta', 'meta_grad_norm'):
             assert torch.allclose(torch.tensor(ref[key]), logs[key].float(), rtol=1e-6, atol=1e-8), (it, key)
         for a, b in zip(model.net_kr.parameters(), mkd.krnets.parameters()):

@@ -11,7 +11,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PKG = ROOT / 'krdistill'
-FRAMEWORK_FREE = ['features.py', 'distiller.py', 'meta.py', 'metakd.py', 'api.py', 'archs/krnet_arch.py',
+FRAMEWORK_FREE = ['features.py', 'distiller.py', 'meta.py', 'metakd.py', 'build.py', 'io.py', 'archs/krnet_arch.py',
                   'losses/texture_loss.py', 'losses/kd_loss.py']
 FORBIDDEN = ('basicsr', 'mmengine', 'mmcv', 'mmagic')
 
@@ -56,9 +56,9 @@ def test_runs_with_basicsr_blocked():
             sys.modules[name] = None  # any import of them raises ImportError (torchvision: not needed either)
         import torch
         from torch import nn
-        import krdistill.api, krdistill.features, krdistill.distiller, krdistill.meta, krdistill.metakd
+        import krdistill.build, krdistill.io, krdistill.features, krdistill.distiller, krdistill.meta, krdistill.metakd
         import krdistill.archs.krnet_arch, krdistill.losses.texture_loss, krdistill.losses.kd_loss
-        from krdistill.api import MetaKD
+        from krdistill.build import build_metakd, build_optimizer
 
         def net(nf, nb):
             m = nn.Sequential()
@@ -69,9 +69,10 @@ def test_runs_with_basicsr_blocked():
 
         torch.manual_seed(0)
         teacher, student = net(8, 2), net(4, 1)
-        mkd = MetaKD(teacher, student, [('body.1', 'body.0')], network_kr=dict(type='KRNet', width=4, hidden=8))
+        mkd = build_metakd(teacher, student, ['body.1'], ['body.0'], network_kr=dict(type='KRNet', width=4, hidden=8))
         opt = torch.optim.Adam(student.parameters(), 1e-3)
-        logs = mkd.train_step(torch.rand(2, 3, 8, 8), torch.rand(2, 3, 16, 16), opt)
+        opt_kr = build_optimizer(dict(type='Adam', lr=1e-4), mkd.kr_parameters())
+        logs = mkd.train_step(torch.rand(2, 3, 8, 8), torch.rand(2, 3, 16, 16), opt, opt_kr).logs
         assert {'l_pix', 'l_texture', 'l_meta'} <= set(logs), logs
         loaded = sorted(k for k in sys.modules if k.split('.')[0] in ('basicsr', 'mmengine', 'mmcv', 'mmagic')
                         and sys.modules[k] is not None)

@@ -46,13 +46,13 @@ def test_virtual_step_does_not_leak_into_student(tmp_path, monkeypatch):
     model.feed_data(_batch(opt))
     before = _snapshot(model.net_g)
     seen = {}
-    real_objective = model.distiller.objective
+    real_objective = model.distiller.loss
 
     def spy(*args, **kwargs):
-        if kwargs.get('params') is None and len(args) < 5:  # the real student step
+        if kwargs.get('params') is None and len(args) < 4:  # the real student step (no params)
             seen['params'] = _snapshot(model.net_g)
         return real_objective(*args, **kwargs)
-    monkeypatch.setattr(model.distiller, 'objective', spy)
+    monkeypatch.setattr(model.distiller, 'loss', spy)
     model.optimize_parameters(1)
     assert 'params' in seen
     for k, v in before.items():
@@ -65,13 +65,13 @@ def test_update_meta_krnet_gets_no_gradient_from_student_loss(tmp_path):
     model.feed_data(_batch(opt))
     dist = model.distiller
     out_t, feats_t = dist.teacher_forward(model.lq)
-    loss, terms, _ = dist.objective(model.lq, model.gt, out_t, feats_t)
+    loss, terms, _ = dist.loss(model.lq, model.gt, (out_t, feats_t))
     assert terms['l_texture'] > 0
     dist.backward(loss)
     assert all(p.grad is None for p in dist.kr_parameters())
     assert all(p.grad is not None for p in model.net_g.parameters())
     # ... only through the meta objective
-    dist.meta_step(model.lq, model.gt, model.lq, model.gt, out_t, feats_t, student_optimizer=model.optimizer_g)
+    dist.meta_grad(model.lq, model.gt, model.lq, model.gt, (out_t, feats_t), student_optimizer=model.optimizer_g)
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in dist.kr_parameters())
 
 
@@ -80,7 +80,7 @@ def test_update_joint_krnet_gets_gradient_from_student_loss(tmp_path):
     model = build_model(opt)
     model.feed_data(_batch(opt))
     dist = model.distiller
-    loss, _, _ = dist.objective(model.lq, model.gt)
+    loss, _, _ = dist.loss(model.lq, model.gt)
     dist.backward(loss)
     assert all(p.grad is not None for p in dist.kr_parameters())
     k0 = _snapshot(model.net_kr)
@@ -117,7 +117,7 @@ def test_adapters_trained_on_student_loss_rest_by_meta(tmp_path, adapters, joint
     assert changed == joint
     out_t, feats_t = dist.teacher_forward(model.lq)
     model.optimizer_kr.zero_grad(set_to_none=True)
-    dist.meta_step(model.lq, model.gt, model.lq, model.gt, out_t, feats_t, student_optimizer=model.optimizer_g)
+    dist.meta_grad(model.lq, model.gt, model.lq, model.gt, (out_t, feats_t), student_optimizer=model.optimizer_g)
     assert all(p.grad is None for p in dist.joint_kr_parameters())
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in dist.meta_kr_parameters())
 
@@ -174,9 +174,9 @@ def test_wrapped_student_uses_bare_model(tmp_path):
 
 def test_meta_dataset_is_used(tmp_path):
     opt = tiny_metakd_opt(tmp_path)
-    opt['datasets']['meta'] = dict(copy.deepcopy(opt['datasets']['train']), name='meta', phase='meta')
+    opt['meta']['dataset'] = dict(copy.deepcopy(opt['datasets']['train']), name='meta')
     model = build_model(opt)
-    assert model.mkd._meta_iter is not None
+    assert model.distiller._meta_iter is not None
     model.feed_data(_batch(opt))
     model.optimize_parameters(1)
     assert 'l_meta' in model.get_current_log()

@@ -21,7 +21,7 @@ def run(tmp_path_factory):
     opt = tiny_metakd_opt(root, total_iter=20)
     opt['name'] = 'tiny_metakd'
     opt['train']['scheduler'] = dict(type='MultiStepLR', milestones=[15], gamma=0.5)
-    opt['datasets']['meta'] = dict(copy.deepcopy(opt['datasets']['train']), name='meta')
+    opt['meta']['dataset'] = dict(copy.deepcopy(opt['datasets']['train']), name='meta')
     for k in ('experiments_root', 'models', 'training_states', 'log', 'visualization'):
         opt['path'][k] = opt['path'][k].replace('tiny_kd', 'tiny_metakd')
     yml = write_yaml(opt, root / 'metakd.yml')
@@ -37,7 +37,7 @@ def test_checkpoints(run):
     assert not list(models.glob('net_t_*')) and not list(models.glob('net_kd_*'))
     log = ''.join(open(f).read() for f in glob.glob(str(root / 'experiments' / opt['name'] / 'train_*.log')))
     assert 'l_texture' in log and 'l_meta' in log and 't_meta' in log
-    assert 'meta batches from datasets.meta' in log
+    assert 'meta batches from meta.dataset' in log
 
 
 def test_resume_restores_krnet_optimizer_and_scheduler(run):

@@ -77,15 +77,15 @@ def test_runner_trains_saves_and_resumes(tmp_path):
     cfg = _cfg(tmp_path, 'b', load_from=str(ck2), resume=True)
     resumed = Runner.from_cfg(cfg)
     calls = []
-    orig = resumed.model.mkd.meta_update
+    orig = resumed.model.mkd.meta_grad
 
     def spy(*args, **kwargs):
         calls.append((resumed.iter, resumed.model.mkd._calls))
         return orig(*args, **kwargs)
 
-    resumed.model.mkd.meta_update = spy
+    resumed.model.mkd.meta_grad = spy
     resumed.train()
-    assert calls[0] == (2, 2), 'iteration and meta call counter were not restored'
+    assert calls[0] == (2, 3), 'iteration and meta call counter (2, +1 for this call) were not restored'
     assert resumed.iter == 4
     mid = _load_checkpoint(str(ck2), map_location='cpu')['state_dict']
     assert not all(torch.equal(v, mid[k]) for k, v in _krnets(state).items()), 'KRNets did not train'

@@ -28,7 +28,8 @@ from basicsr.utils.registry import ARCH_REGISTRY, DATASET_REGISTRY, LOSS_REGISTR
 
 from krdistill.distiller import probe
 from krdistill.metakd import check_meta_options
-from krdistill.models.kd_model import KD_KEYS, KDSRModel, build_kd_loss
+from krdistill.build import build_module
+from krdistill.models.kd_model import KD_KEYS, KDSRModel
 
 REPO = Path(__file__).resolve().parents[1]
 OPTIONS = REPO / 'options'
@@ -249,7 +250,7 @@ def test_losses_resolve_and_build(path):
                                             f'(e.g. {sorted(LOSS_REGISTRY._obj_map)})')
         if loss_type in NO_BUILD_LOSSES:
             continue
-        loss = build_kd_loss(loss_opt, f'train.{key}', s_channels=channels[0], t_channels=channels[1])
+        loss = build_module(loss_opt, 'loss', f'train.{key}', s_channels=channels[0], t_channels=channels[1])
         value = loss_forward(opt, key, loss)
         if value is not None:
             assert value.dim() == 0 and torch.isfinite(value), f'train.{key}: forward gave {value}'
@@ -383,7 +384,7 @@ def test_metakd_block(path):
         assert 'kd_opt' not in train, 'train.kd_opt: hand-crafted feature losses belong to KDSRModel files'
     if 'meta' not in opt:
         return
-    check_meta_options(opt['meta'])  # the model's own validator accepts the block
+    check_meta_options(opt['meta'], extra_keys=('dataset', ))  # the model's own validator accepts the block
     meta = opt['meta']
     assert isinstance(meta, dict), 'meta: must be a mapping'
     assert set(meta) <= META_KEYS, f'meta: unknown key(s) {sorted(set(meta) - META_KEYS)}; allowed: {sorted(META_KEYS)}'

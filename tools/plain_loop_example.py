@@ -3,8 +3,9 @@
     python tools/plain_loop_example.py [--iters 20] [--teacher-iters 30] [--mode exact|finite_difference]
 
 A tiny EDSR-like teacher is first fitted for a few iterations on synthetic x2 pairs (stand-in for
-your trained teacher), then a thinner student is trained with :class:`krdistill.api.MetaKD`:
+your trained teacher), then a thinner student is trained with :class:`krdistill.metakd.MetaKD`:
 texture-wise distillation through a KRNet, and a meta update of the KRNet before each student step.
+The iteration is :meth:`krdistill.metakd.MetaKD.train_step`, the code BasicSR's ``MetaKDModel`` runs.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from krdistill.api import MetaKD
+from krdistill.build import build_metakd, build_optimizer
 
 
 class TinyEDSR(nn.Module):
@@ -67,20 +68,22 @@ def main(argv: list[str] | None = None) -> dict:
 
     # ---- the plain loop a user writes -------------------------------------------------------
     student = TinyEDSR(num_feat=8, num_block=1)
-    mkd = MetaKD(teacher, student, pairs=[('body.1', 'body.0')],
-                 network_kr=dict(type='KRNet', width=8, num_kernels=4, hidden=16),
-                 texture_opt=dict(type='TextureWiseLoss', loss_weight=1.0),
-                 pixel_opt=dict(type='L1Loss', loss_weight=1.0),
-                 optim_kr=dict(type='Adam', lr=1e-3),
-                 meta=dict(every=1, mode=args.mode))
+    mkd = build_metakd(teacher, student, teacher_layers=['body.1'], student_layers=['body.0'],
+                       network_kr=dict(type='KRNet', width=8, num_kernels=4, hidden=16),
+                       texture_opt=dict(type='TextureWiseLoss', loss_weight=1.0),
+                       pixel_opt=dict(type='L1Loss', loss_weight=1.0),
+                       meta=dict(every=1, mode=args.mode))
     opt_s = torch.optim.Adam(student.parameters(), 2e-3)
+    opt_kr = build_optimizer(dict(type='Adam', lr=1e-3), mkd.kr_parameters())
     logs = {}
     for it in range(1, args.iters + 1):
         lq, gt = synthetic_batch(gen=gen)
-        logs = mkd.train_step(lq, gt, opt_s)                        # meta update, then the student step
+        step = mkd.train_step(lq, gt, opt_s, opt_kr)                # meta update, then the student step
+        logs = step.logs                                            # step.skipped: why a step was not taken
         print(f'iter {it:3d}  ' + '  '.join(f'{k} {v.item():.4f}' for k, v in logs.items() if k != 't_meta'))
     # checkpoint: torch.save({'student': student.state_dict(), 'opt_s': opt_s.state_dict(),
-    #                         'metakd': mkd.state_dict()}, path)      # KRNets, optimizer_kr, meta state
+    #                         'opt_kr': opt_kr.state_dict(),
+    #                         'metakd': mkd.training_state_dict()}, path)   # KRNets, meta fallback state
     # -----------------------------------------------------------------------------------------
     return {k: float(v) for k, v in logs.items()}
 

@@ -19,7 +19,7 @@ from torch import nn
 
 __all__ = [
     'output_kd_loss', 'fitnet_loss', 'attention_map', 'at_loss', 'spatial_affinity', 'fakd_loss',
-    'OutputKDLoss', 'FitNetLoss', 'ATLoss', 'FAKDLoss'
+    'OutputKDLoss', 'FitNetLoss', 'ATLoss', 'FAKDLoss', 'PixelLoss'
 ]
 
 _REDUCTIONS = ('mean', 'sum', 'none')
@@ -224,3 +224,28 @@ class FAKDLoss(_KDLoss):
 
     def forward(self, feat_s: torch.Tensor, feat_t: torch.Tensor) -> torch.Tensor:
         return self.loss_weight * fakd_loss(feat_s, feat_t, self.max_size, self.criterion, self.reduction)
+
+
+class PixelLoss(nn.Module):
+    """Reconstruction loss ``loss_weight * reduce(rho(pred - target))`` with the arithmetic of
+    BasicSR's ``L1Loss`` / ``MSELoss`` / ``CharbonnierLoss`` (elementwise, then mean or sum), for
+    loops without BasicSR (the torch-only table of :mod:`krdistill.build` maps those names here).
+
+    Args:
+        criterion: ``'l1'``, ``'l2'`` or ``'charbonnier'`` (``sqrt(d^2 + eps)``, BasicSR's eps 1e-12).
+    """
+
+    def __init__(self, criterion: str = 'l1', loss_weight: float = 1.0, reduction: str = 'mean', eps: float = 1e-12):
+        super().__init__()
+        if criterion not in ('l1', 'l2', 'charbonnier'):
+            raise ValueError(f"criterion must be 'l1', 'l2' or 'charbonnier', got {criterion!r}")
+        _check_reduction(reduction)
+        self.criterion, self.loss_weight, self.reduction, self.eps = criterion, loss_weight, reduction, eps
+
+    def forward(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        d = pred - target
+        rho = torch.sqrt(d * d + self.eps) if self.criterion == 'charbonnier' else _dist(d, self.criterion)
+        return self.loss_weight * _reduce(rho, self.reduction)
+
+    def extra_repr(self) -> str:
+        return f'criterion={self.criterion!r}, loss_weight={self.loss_weight}, reduction={self.reduction!r}'

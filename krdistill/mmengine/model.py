@@ -16,10 +16,11 @@ applies to both (as ``train.scheduler`` does for ``optimizer_kr`` in BasicSR), t
 ``state_dict`` holds ``student.*``, ``krnets.*`` and the meta fallback state (``_extra_state``);
 ``val_step``/``test_step`` run the plain student.
 
-The iteration itself is :meth:`krdistill.api.MetaKD.train_step` (the same code as the plain-loop
+The iteration itself is :meth:`krdistill.metakd.MetaKD.train_step` (the same code as the plain-loop
 API and BasicSR's ``MetaKDModel`` order), with the student stepped through its ``OptimWrapper``
 (its ``backward`` and ``step``: clipping / AMP settings of the wrapper apply to the student step;
-the meta step itself runs in full precision).
+the meta step itself runs in full precision). Types are looked up in mmengine's ``MODELS`` first,
+then in BasicSR's registries or krdistill's tables (:func:`resolve`).
 
 Config (see ``options/mmengine/metakd_tiny_x2.py``)::
 
@@ -46,7 +47,6 @@ Data: each batch is a mapping with ``lq`` (B x C x h x w) and ``gt`` (B x C x H 
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 from collections import OrderedDict
 from typing import Mapping, Sequence
@@ -57,15 +57,23 @@ from mmengine.optim import DefaultOptimWrapperConstructor, OptimWrapperDict
 from mmengine.registry import MODELS
 from torch import nn
 
-from ..api import ARCHS, LOSSES, MetaKD, _plain
+from ..build import build_metakd, default_resolver, plain
 from ..distiller import freeze_teacher
+from ..io import load_weights
 from .compat import CHECKPOINT_GLOBALS
 
-__all__ = ['MetaKDSRModel', 'MetaKDOptimWrapperConstructor', 'build_sr_network', 'load_teacher']
+__all__ = ['MetaKDSRModel', 'MetaKDOptimWrapperConstructor', 'build_sr_network', 'load_teacher', 'resolve']
 
 _OPTIM_KEYS = ('student', 'krnets')
 _OPTIM_EXAMPLE = ("optim_wrapper = dict(constructor='MetaKDOptimWrapperConstructor', "
                   "student=dict(optimizer=dict(type='Adam', lr=2e-4)), krnets=dict(optimizer=dict(type='Adam', lr=1e-4)))")
+
+
+def resolve(kind: str, name: str):
+    """``type`` lookup of the mmengine front end: mmengine's ``MODELS`` (scope-aware) first, then
+    BasicSR's registries (when installed) or krdistill's torch-only tables."""
+    cls = MODELS.get(name)
+    return cls if cls is not None else default_resolver(kind, name)
 
 
 def build_sr_network(cfg, key: str) -> nn.Module:
@@ -78,16 +86,13 @@ def build_sr_network(cfg, key: str) -> nn.Module:
     typ = cfg['type']
     if not isinstance(typ, str) or MODELS.get(typ) is not None:
         return MODELS.build(cfg)
-    try:
-        from basicsr.utils.registry import ARCH_REGISTRY
-    except ImportError:
-        ARCH_REGISTRY = None
-    if ARCH_REGISTRY is not None and typ in ARCH_REGISTRY:
-        opt = _plain(cfg)
-        cls = ARCH_REGISTRY.get(opt.pop('type'))
-        return cls(**opt)
-    raise KeyError(f'{key}.type: {typ!r} is neither in mmengine\'s MODELS nor (BasicSR not installed or no such '
-                   'arch) in BasicSR\'s ARCH_REGISTRY')
+    cls = default_resolver('arch', typ)
+    if cls is None:
+        raise KeyError(f'{key}.type: {typ!r} is neither in mmengine\'s MODELS nor (BasicSR not installed or no such '
+                       'arch) in BasicSR\'s ARCH_REGISTRY')
+    opt = plain(cfg)
+    opt.pop('type')
+    return cls(**opt)
 
 
 def load_teacher(net: nn.Module, path: str, param_key: str | None = 'params', strict: bool = True,
@@ -95,40 +100,8 @@ def load_teacher(net: nn.Module, path: str, param_key: str | None = 'params', st
     """Load teacher weights (``weights_only``) from a BasicSR (``params``/``params_ema``) or mmengine
     (``state_dict``) checkpoint, or a bare state dict (``param_key=None``). ``prefix``: keep only
     keys starting with it, stripped (e.g. ``'generator.'`` for an MMagic SR checkpoint)."""
-    safe = getattr(torch.serialization, 'safe_globals', None)  # torch >= 2.5
-    with (safe(list(CHECKPOINT_GLOBALS)) if safe else contextlib.nullcontext()):  # mmengine checkpoints hold logs
-        ckpt = torch.load(path, map_location='cpu', weights_only=True)
-    if param_key is not None:
-        if not isinstance(ckpt, Mapping) or param_key not in ckpt:
-            keys = sorted(ckpt) if isinstance(ckpt, Mapping) else type(ckpt).__name__
-            raise KeyError(f'model.teacher_param_key: {param_key!r} is not in {path}; it holds {keys}')
-        ckpt = ckpt[param_key]
-    if prefix:
-        ckpt = OrderedDict((k[len(prefix):], v) for k, v in ckpt.items() if k.startswith(prefix))
-        if not ckpt:
-            raise KeyError(f'model.teacher_prefix: no key of {path} starts with {prefix!r}')
-    state = OrderedDict((k[7:] if k.startswith('module.') else k, v) for k, v in ckpt.items())
-    net.load_state_dict(state, strict=strict)
-
-
-def _loss_opt(cfg, key: str):
-    """Option blocks the API knows stay dicts (torch-only map); other types come from ``MODELS``."""
-    if not isinstance(cfg, Mapping):
-        return cfg
-    typ = cfg.get('type')
-    if isinstance(typ, str) and typ not in LOSSES and MODELS.get(typ) is not None:
-        return MODELS.build(cfg)
-    return _plain(cfg)
-
-
-def _kr_opt(cfg):
-    if not isinstance(cfg, Mapping):
-        return cfg
-    cfg = _plain(cfg)
-    typ = cfg.get('type', 'KRNet')
-    if isinstance(typ, str) and typ not in ARCHS and MODELS.get(typ) is not None:
-        cfg['type'] = MODELS.get(typ)  # s_channels / t_channels are filled in by MetaKD
-    return cfg
+    load_weights(net, path, param_key, strict, prefix, key='model.teacher_ckpt', key_param='model.teacher_param_key',
+                 key_strict='model.strict_load_teacher', safe_globals=CHECKPOINT_GLOBALS)
 
 
 def _stack(x):
@@ -147,7 +120,7 @@ class MetaKDSRModel(BaseModel):
             only for smoke tests). ``teacher_param_key``: key inside it (``params`` for BasicSR,
             ``state_dict`` for mmengine; ``None`` for a bare state dict). ``strict_load_teacher``.
             ``teacher_prefix``: keep and strip keys with this prefix (``'generator.'`` for MMagic).
-        network_kr, texture_opt, output_kd_opt, pixel_opt, meta: as :class:`krdistill.api.MetaKD`
+        network_kr, texture_opt, output_kd_opt, pixel_opt, meta: as :func:`krdistill.build.build_metakd`
             (same names and defaults as BasicSR's YAML). Loss types the API does not know are
             built from ``MODELS``.
         data_preprocessor, init_cfg: as ``BaseModel``.
@@ -169,17 +142,23 @@ class MetaKDSRModel(BaseModel):
             load_teacher(teacher, teacher_ckpt, teacher_param_key, strict_load_teacher, teacher_prefix)
         # Not a sub-module: never saved, never in an optimizer, never wrapped (moved by _apply).
         object.__setattr__(self, 'teacher', freeze_teacher(teacher))
-        self.mkd = MetaKD(self.teacher, self.student, [tuple(p) for p in pairs], network_kr=_kr_opt(network_kr),
-                          texture_opt=_loss_opt(texture_opt, 'model.texture_opt'),
-                          output_kd_opt=_loss_opt(output_kd_opt, 'model.output_kd_opt'),
-                          pixel_opt=_loss_opt(pixel_opt, 'model.pixel_opt'),
-                          meta=_plain(meta) if meta is not None else None)
+        pairs = [tuple(p) for p in pairs]
+        for i, p in enumerate(pairs):
+            if len(p) != 2 or not all(isinstance(n, str) for n in p):
+                raise TypeError(f'model.pairs[{i}]: expected (teacher_module_name, student_module_name), got {p!r}')
+        keys = dict(teacher_layers='model.pairs (teacher module names)',
+                    student_layers='model.pairs (student module names)', network_kr='model.network_kr',
+                    texture_opt='model.texture_opt', output_kd_opt='model.output_kd_opt', pixel_opt='model.pixel_opt',
+                    meta='model.meta')
+        self.mkd = build_metakd(self.teacher, self.student, [p[0] for p in pairs], [p[1] for p in pairs],
+                                network_kr=network_kr, texture_opt=texture_opt, output_kd_opt=output_kd_opt,
+                                pixel_opt=pixel_opt, meta=meta, resolve=resolve, keys=keys)
         self.krnets = self.mkd.krnets  # a sub-module: saved as krnets.*, stepped by optim_wrapper.krnets
 
     def _apply(self, fn, *args, **kwargs):
         super()._apply(fn, *args, **kwargs)
         self.teacher._apply(fn, *args, **kwargs)
-        self.mkd.distiller._apply(fn, *args, **kwargs)  # losses with buffers, if any (KRNets: already done)
+        self.mkd._apply(fn, *args, **kwargs)  # losses with buffers, if any (KRNets: already done)
         return self
 
     # ------------------------------------------------------------------ forward / steps
@@ -223,13 +202,16 @@ class MetaKDSRModel(BaseModel):
         if gt is None:
             raise KeyError('MetaKDSRModel: a training batch needs "gt"')
         ow_s = optim_wrapper['student']
-        self.mkd.optimizer_kr = optim_wrapper['krnets']
-        if self.mkd.distiller.student is not self.student:
+        if self.mkd.student is not self.student:
             # MMSeparateDistributedDataParallel replaced the sub-module by its DDP wrapper: the
             # student step must go through it (hooks and the meta step use the bare module anyway).
-            object.__setattr__(self.mkd.distiller, 'student', self.student)
+            self.mkd.set_student(self.student)
         with ow_s.optim_context(self):
-            logs = self.mkd.train_step(lq, gt, ow_s, backward=ow_s.backward)
+            step = self.mkd.train_step(lq, gt, ow_s, optim_wrapper['krnets'])
+        if step.skipped is not None:
+            from mmengine.logging import print_log
+            print_log(f'MetaKD: {step.skipped}; step skipped', logger='current', level=30)
+        logs = step.logs
         out = OrderedDict(loss=logs.pop('l_total'))
         out.update(logs)
         return out

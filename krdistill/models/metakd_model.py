@@ -1,92 +1,76 @@
 """MetaKDModel: meta knowledge distillation for SR in BasicSR (reconstructed from the abstract
-of Zhu, Liu, Chen, arXiv 2207.08356).
+of Zhu, Liu, Chen, arXiv 2207.08356; design in ``docs/METAKD.md``).
 
-Adds to :class:`~krdistill.models.kd_model.KDSRModel` (teacher, hooks, checks):
+Adds to the teacher/student base (teacher, distillation points, checks, checkpoints):
 
 - ``network_kr``: KRNet options, one KRNet per distillation point (``s_channels`` and
-  ``t_channels`` are filled in from a dummy forward); saved as ``net_kr_<iter>.pth`` and
-  loaded from ``path.pretrain_network_kr`` (set automatically on resume);
-- ``train.texture_opt``: the texture-wise loss (``TextureWiseLoss``);
-- ``train.optim_kr``: the KRNets' own optimizer (its scheduler follows ``train.scheduler``);
-  appended to ``self.optimizers`` so schedulers and resume handle it;
-- ``meta:`` ``every``, ``mode``, ``inner_lr``, ``precond``, ``update``, ``fd_eps`` (see
-  :data:`krdistill.metakd.META_DEFAULTS`);
-- ``datasets.meta`` (optional): the meta batches; without it the previous training batch is
-  used (the current one at the first iteration).
+  ``t_channels`` are read from a dummy forward); saved as ``net_kr_<iter>.pth`` and loaded from
+  ``path.pretrain_network_kr`` (``strict_load_kr``); restored on resume;
+- ``train.texture_opt``: the texture-wise loss (``TextureWiseLoss``); ``train.output_kd_opt``;
+- ``train.optim_kr``: the KRNets' own optimizer (default: ``optim_g``'s settings); appended to
+  ``self.optimizers`` so schedulers and resume handle it;
+- ``meta:`` ``every``, ``mode``, ``inner_lr``, ``precond``, ``update``, ``fd_eps``, ``adapters``
+  (:data:`krdistill.metakd.META_DEFAULTS`) and ``dataset`` (optional): a BasicSR dataset block
+  for the meta batches (a held-out split; random crops like ``datasets.train``). Without it the
+  meta batch is the previous training batch. It lives in ``meta:`` because BasicSR's loop
+  accepts no dataset phase other than train and val.
 
-The work is done by the framework-free code: the maths by :class:`krdistill.metakd.MetaDistiller`,
-the iteration (teacher once per batch, meta batch, meta step, student backward) by
-:class:`krdistill.api.MetaKD`, the same object a plain PyTorch loop uses. This class only wires
-options, optimizers, data, non-finite checks, DDP and checkpoints. Logs: ``l_pix``, ``l_texture``,
+The iteration is :meth:`krdistill.metakd.MetaKD.train_step`, the same code a plain PyTorch loop,
+the mmengine front end and the benchmark run. Logs: ``l_pix``, ``l_texture`` [, ``l_kd_out``],
 ``l_meta``, ``meta_grad_norm``, ``t_meta`` (seconds spent in the meta step).
 """
 from __future__ import annotations
 
 import copy
 
-from basicsr.archs import build_network
 from basicsr.data import build_dataloader, build_dataset
 from basicsr.utils import get_root_logger
-from basicsr.utils.registry import ARCH_REGISTRY, MODEL_REGISTRY
+from basicsr.utils.registry import MODEL_REGISTRY
 
-from ..api import MetaKD
-from ..metakd import MetaDistiller, check_meta_options
-from .kd_model import KDSRModel, build_kd_loss
+from ..build import BASICSR_KEYS, build_metakd, build_optimizer
+from ..io import load_weights
+from ..metakd import check_meta_options
+from .teacher_model import TeacherStudentModel
+
+__all__ = ['MetaKDModel']
 
 
 @MODEL_REGISTRY.register()
-class MetaKDModel(KDSRModel):
+class MetaKDModel(TeacherStudentModel):
     """SR student distilled through learned knowledge representations (KRNets) and a meta update."""
 
-    def _build_distiller(self) -> None:
+    def build_algorithm(self):
         opt, train_opt = self.opt, self.opt['train']
-        self.meta_opt = check_meta_options(opt.get('meta'))
-        if not self.kd_opt['student_layers']:
-            raise ValueError('kd.student_layers / kd.teacher_layers: MetaKD needs at least one distillation point')
-        kr_opt = opt.get('network_kr') or {'type': 'KRNet'}
-        if kr_opt.get('type') not in ARCH_REGISTRY:
-            raise KeyError(f'network_kr.type: {kr_opt.get("type")!r} is not a registered arch')
-        krnets = []
-        for ss, ts in zip(self.kd_shapes['student'], self.kd_shapes['teacher']):
-            kr = copy.deepcopy(kr_opt)
-            for k in ('s_channels', 't_channels'):
-                if k in kr:
-                    raise KeyError(f'network_kr.{k}: do not set it; it is read from the networks')
-            kr.update(s_channels=ss[1], t_channels=ts[1])
-            try:
-                krnets.append(build_network(kr))
-            except TypeError as e:
-                raise TypeError(f'network_kr: cannot build {kr_opt.get("type")} from {kr_opt}: {e}') from e
-        tex_opt = train_opt.get('texture_opt') or {'type': 'TextureWiseLoss'}
-        texture_loss = build_kd_loss(tex_opt, 'train.texture_opt')
-        out_opt = train_opt.get('output_kd_opt')
-        output_loss = build_kd_loss(out_opt, 'train.output_kd_opt') if out_opt else None
+        meta = check_meta_options(opt.get('meta'), extra_keys=('dataset', ))
+        if (opt.get('datasets') or {}).get('meta'):
+            raise KeyError('datasets.meta: move this block to meta.dataset (BasicSR\'s loop accepts only train and '
+                           'val dataset phases)')
         if train_opt.get('kd_opt'):
             raise KeyError('train.kd_opt: MetaKDModel uses train.texture_opt; hand-crafted feature losses '
                            'belong to KDSRModel')
         if not train_opt.get('pixel_opt'):
             raise KeyError('train.pixel_opt: MetaKD needs a pixel loss (also the meta objective)')
-        pixel_loss = build_kd_loss(train_opt['pixel_opt'], 'train.pixel_opt').to(self.device)
-        self.distiller = MetaDistiller(
-            self.net_t, self.net_g, self.kd_opt['teacher_layers'], self.kd_opt['student_layers'], krnets,
-            texture_loss=texture_loss, pixel_loss=pixel_loss, output_loss=output_loss, meta=self.meta_opt,
-            keys=dict(teacher_layers='kd.teacher_layers', student_layers='kd.student_layers')).to(self.device)
-        self.net_kr = self.distiller.krnets
-        self.sync_training_only()  # same KRNet initialisation on every rank
+        if not self.kd_opt['student_layers']:
+            raise ValueError('kd.student_layers / kd.teacher_layers: MetaKD needs at least one distillation point')
+        ds_opt = meta.pop('dataset', None)
+        mkd = build_metakd(self.net_t, self.net_g, self.kd_opt['teacher_layers'], self.kd_opt['student_layers'],
+                           network_kr=opt.get('network_kr'), texture_opt=train_opt.get('texture_opt'),
+                           output_kd_opt=train_opt.get('output_kd_opt'), pixel_opt=train_opt['pixel_opt'],
+                           meta=meta, meta_data=self._meta_loader(ds_opt) if ds_opt else None, shapes=self.kd_shapes, keys=BASICSR_KEYS)
+        self.net_kr = mkd.krnets
         load_path = opt['path'].get('pretrain_network_kr')
-        if opt['path'].get('resume_state'):
-            self._load_kd_state()  # net_kr_<iter>.pth of the resumed iteration
-        elif load_path:
-            self.load_network(self.net_kr, load_path, opt['path'].get('strict_load_kr', True), 'params')
-        self._meta_loader = None
-        self._build_meta_loader()
+        if load_path and not opt['path'].get('resume_state'):
+            load_weights(self.net_kr, load_path, opt['path'].get('param_key_kr', 'params'),
+                         opt['path'].get('strict_load_kr', True), key='path.pretrain_network_kr',
+                         key_param='path.param_key_kr', key_strict='path.strict_load_kr', log=get_root_logger().warning)
+        return mkd
 
-    def _build_meta_loader(self) -> None:
-        ds_opt = (self.opt.get('datasets') or {}).get('meta')
-        if not ds_opt:
-            return
+    def _meta_loader(self, ds_opt: dict):
+        if not isinstance(ds_opt, dict):
+            raise TypeError(f'meta.dataset: must be a dataset block (type, dataroot_gt, dataroot_lq, ...), got {ds_opt!r}')
         ds_opt = copy.deepcopy(ds_opt)
         ds_opt['phase'] = 'train'  # random crops and flips, like the training set
+        ds_opt.setdefault('name', 'meta')
         ds_opt.setdefault('scale', self.opt['scale'])
         train_ds = self.opt['datasets'].get('train', {})
         for k in ('gt_size', 'use_hflip', 'use_rot', 'num_worker_per_gpu', 'batch_size_per_gpu'):
@@ -94,66 +78,22 @@ class MetaKDModel(KDSRModel):
                 ds_opt[k] = train_ds[k]
         dataset = build_dataset(ds_opt)
         if len(dataset) == 0:
-            raise ValueError('datasets.meta: the meta dataset is empty')
+            raise ValueError('meta.dataset: the meta dataset is empty')
+        get_root_logger().info(f'MetaKD: meta batches from meta.dataset ({len(dataset)} images)')
         loader = build_dataloader(dataset, ds_opt, num_gpu=self.opt['num_gpu'], dist=False, sampler=None,
                                   seed=self.opt.get('manual_seed'))
-        self._meta_loader = loader
-        get_root_logger().info(f'MetaKD: meta batches from datasets.meta ({len(dataset)} images)')
+        return _OnDevice(loader, self.device)
 
     def setup_optimizers(self):
-        super().setup_optimizers()  # student (the KRNets are not in optimizer_g: see kd_parameters)
-        optim_opt = copy.deepcopy(self.opt['train'].get('optim_kr') or self.opt['train']['optim_g'])
-        optim_type = optim_opt.pop('type')
-        self.optimizer_kr = self.get_optimizer(optim_type, self.distiller.kr_parameters(), **optim_opt)
+        super().setup_optimizers()  # the student (the KRNets are not in optimizer_g)
+        train_opt = self.opt['train']
+        key = 'train.optim_kr' if train_opt.get('optim_kr') else 'train.optim_g (train.optim_kr not set)'
+        self.optimizer_kr = build_optimizer(train_opt.get('optim_kr') or train_opt['optim_g'],
+                                            self.distiller.kr_parameters(), key)
         self.optimizers.append(self.optimizer_kr)
-        # the iteration logic (teacher once per batch, meta batch, meta step, student backward) is the
-        # framework-free front end's; this class adds BasicSR's options, checks and checkpoints
-        self.mkd = MetaKD.from_distiller(self.distiller, self.optimizer_kr, meta_data=self._meta_loader)
 
-    def kd_parameters(self) -> list:
-        return []  # KRNet parameters have their own optimizer
-
-    # ----------------------------------------------------------------- training
-    def optimize_parameters(self, current_iter):
-        mkd = self.mkd
-        joint = bool(self.distiller.joint_kr_parameters())  # KRNet parameters trained on the student loss
-
-        def meta_ok(info):  # take the KRNet meta step only with a finite loss and gradients
-            return self.check_finite(info['l_meta'], {'l_meta': info['l_meta']}, current_iter, 'meta loss') and \
-                self.check_finite_grads(self.optimizer_kr, current_iter, 'KRNet meta')
-
-        ok = False
-        try:
-            log = mkd.meta_update(self.lq, self.gt, student_optimizer=self.optimizer_g, it=current_iter,
-                                  step_if=meta_ok)
-            self.optimizer_g.zero_grad(set_to_none=True)
-            l_total, terms, self.output = mkd.loss(self.lq, self.gt)
-            if self.check_finite(l_total, terms, current_iter, 'student loss'):
-                checked = {}
-
-                def backward(loss, inputs):
-                    loss.backward(inputs=inputs)
-                    if joint:  # KRNets are outside DDP: average their gradients before the step
-                        self.sync_training_only(grads=True)
-
-                def grads_ok():
-                    if 'ok' not in checked:
-                        checked['ok'] = self.check_finite_grads(self.optimizer_g, current_iter, 'student') and \
-                            self.check_finite_grads(self.optimizer_kr, current_iter, 'KRNet')
-                    return checked['ok']
-
-                mkd.backward(l_total, backward=backward, step_if=grads_ok)
-                ok = grads_ok()
-                if ok:
-                    self.optimizer_g.step()
-        finally:
-            if not ok:
-                mkd.forget_batch()  # a bad batch is no meta batch for the next iteration
-            mkd.end_iteration()
-        terms.update(log)
-        self.log_dict = self.reduce_loss_dict(terms)
-        if self.ema_decay > 0:
-            self.model_ema(decay=self.ema_decay)
+    def run_iteration(self, current_iter):
+        return self.distiller.train_step(self.lq, self.gt, self.optimizer_g, self.optimizer_kr, it=current_iter)
 
     # ----------------------------------------------------------------- saving
     def training_only_networks(self) -> dict:
@@ -161,13 +101,24 @@ class MetaKDModel(KDSRModel):
 
     def extra_training_state(self) -> dict:
         """Random states plus the meta fallback state (the last training batch: the next
-        iteration's meta batch when there is no ``datasets.meta``)."""
-        return dict(super().extra_training_state(), meta_state=self.mkd.meta_state_dict())
+        iteration's meta batch when there is no ``meta.dataset``)."""
+        return dict(super().extra_training_state(), meta_state=self.distiller.meta_state_dict())
 
     def load_extra_training_state(self, state: dict) -> None:
         super().load_extra_training_state(state)
         if 'meta_state' in state:
-            meta = state['meta_state']
-            if 'last_batch' in meta:
-                meta = dict(meta, last_batch=[t.to(self.device) for t in meta['last_batch']])
-            self.mkd.load_meta_state_dict(meta)
+            self.distiller.load_meta_state_dict(state['meta_state'])
+
+
+class _OnDevice:
+    """BasicSR loader batches (``{'lq', 'gt', ...}``) moved to the model's device."""
+
+    def __init__(self, loader, device):
+        self.loader, self.device = loader, device
+
+    def __iter__(self):
+        for data in self.loader:
+            yield data['lq'].to(self.device), data['gt'].to(self.device)
+
+    def __len__(self):
+        return len(self.loader)
