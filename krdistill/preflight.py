@@ -116,15 +116,18 @@ def _gt_names(key: str, ds: dict, gt_files: list[str]) -> list[str]:
     return names
 
 
-def check_dataset(phase: str, ds: dict) -> None:
+def check_dataset(phase: str, ds: dict, key: str | None = None) -> None:
     """Raise a clear error naming ``datasets.<phase>.<key>`` if the data set cannot be used.
 
     Args:
         phase: the key under ``datasets`` (``train``, ``val_1``, ...), for the messages.
         ds: the block as BasicSR hands it to the dataset (``phase`` and ``scale`` filled in by
-            ``parse_options``; without ``scale`` the pair sizes are not checked).
+            ``parse_options``; without ``scale`` the pair sizes are not checked). ``ds['phase']``
+            (else ``phase``) decides the size rule: ``train`` exact, anything else cropped.
+        key: where the block lives in the YAML, for the messages (default ``datasets.<phase>``;
+            for instance ``meta.dataset``).
     """
-    key = f'datasets.{phase}'
+    key = key or f'datasets.{phase}'
     if not isinstance(ds, dict):
         raise TypeError(f'{key}: must be a mapping, got {type(ds).__name__}')
     if _PASSED is not None and _fingerprint(ds) in _PASSED:

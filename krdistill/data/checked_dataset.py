@@ -11,6 +11,9 @@ YAML::
         io_backend: {type: disk}
         # check_images: false  # skip PIL's integrity check of every image (sizes are still checked)
 
+``options_key`` (optional) names the block's place in the YAML for the messages (default
+``datasets.<phase>``); a model that builds a dataset from elsewhere sets it (``meta.dataset``).
+
 Building the dataset runs :func:`krdistill.preflight.check_dataset` on its block first (missing or
 empty folders, unpaired names, corrupt images, LR/GT sizes that do not fit ``scale``), so a broken
 data set fails before the first iteration with the key to fix instead of a ``ZeroDivisionError``
@@ -39,16 +42,22 @@ def _unreadable(path) -> bool:
     return data.size == 0 or cv2.imdecode(data, cv2.IMREAD_UNCHANGED) is None
 
 
+def _options_key(opt: dict) -> str:
+    """Where the block lives in the YAML: ``opt['options_key']`` if set (e.g. ``meta.dataset``), else
+    ``datasets.<phase>``."""
+    return str(opt.get('options_key') or f'datasets.{opt.get("phase", "?")}')
+
+
 def _read_error(dataset, index: int, error: Exception, paths: dict) -> RuntimeError:
     """An error for a sample that failed to load: which file, which dataset, which YAML key."""
     opt = dataset.opt
-    phase = opt.get('phase', '?')
+    key = _options_key(opt)
     client = getattr(dataset, 'file_client', None)
     disk = (type(client.client).__name__ == 'HardDiskBackend' if client is not None
             else dataset.io_backend_opt.get('type', 'disk') == 'disk')
     bad = {k: p for k, p in paths.items() if disk and _unreadable(p)} or paths
-    where = ', '.join(f'{p} (datasets.{phase}.dataroot_{k})' for k, p in bad.items())
-    return RuntimeError(f'datasets.{phase} ({opt.get("name")}): cannot read sample {index}: {where}; '
+    where = ', '.join(f'{p} ({key}.dataroot_{k})' for k, p in bad.items())
+    return RuntimeError(f'{key} ({opt.get("name")}): cannot read sample {index}: {where}; '
                         f'is the file a valid image? {type(error).__name__}: {error}')
 
 
@@ -57,11 +66,11 @@ class CheckedPairedImageDataset(PairedImageDataset):
 
     Args:
         opt: the dataset block, as for ``PairedImageDataset`` (``phase`` and ``scale`` filled in by
-            BasicSR's ``parse_options``), plus ``check_images`` (default true).
+            BasicSR's ``parse_options``), plus ``check_images`` (default true) and ``options_key``.
     """
 
     def __init__(self, opt: dict):
-        check_dataset(str(opt.get('phase', 'train')), opt)
+        check_dataset(str(opt.get('phase', 'train')), opt, key=_options_key(opt))
         super().__init__(opt)
 
     def __getitem__(self, index: int) -> dict:
@@ -76,11 +85,12 @@ class CheckedSingleImageDataset(SingleImageDataset):
     """:class:`basicsr.data.single_image_dataset.SingleImageDataset` that checks its block when built.
 
     Args:
-        opt: the dataset block, as for ``SingleImageDataset``, plus ``check_images`` (default true).
+        opt: the dataset block, as for ``SingleImageDataset``, plus ``check_images`` (default true) and
+            ``options_key``.
     """
 
     def __init__(self, opt: dict):
-        check_dataset(str(opt.get('phase', 'test')), opt)
+        check_dataset(str(opt.get('phase', 'test')), opt, key=_options_key(opt))
         super().__init__(opt)
 
     def __getitem__(self, index: int) -> dict:
