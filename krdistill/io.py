@@ -123,7 +123,7 @@ class LoadReport(dict):
 def load_weights(net: nn.Module, path: str | os.PathLike, param_key: str | None = 'params', strict: bool = True,
                  prefix: str | None = None, key: str = 'path.pretrain_network_t',
                  key_param: str = 'path.param_key_t', key_strict: str = 'path.strict_load_t',
-                 min_fraction: float = 0.5, safe_globals: Iterable | None = None, log=None) -> LoadReport:
+                 min_fraction: float = 0.9, safe_globals: Iterable | None = None, log=None) -> LoadReport:
     """Load weights from ``path`` into ``net``; errors name the option keys to fix.
 
     A strict load must match exactly. A non-strict load reports missing and unexpected keys

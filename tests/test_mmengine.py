@@ -145,3 +145,27 @@ def test_restricted_getattr_refuses_anything_but_history_buffer_methods():
     for obj, name in ((os, 'system'), (HistoryBuffer, '__init__'), (HistoryBuffer, '_statistics_methods')):
         with pytest.raises(pickle.UnpicklingError):
             history_buffer_getattr(obj, name)
+
+
+@pytest.mark.parametrize('edit,match', [
+    (dict(meta=dict(every=0)), r'model\.meta\.every'),
+    (dict(meta=dict(inner_lr='1e-4')), r'model\.meta\.inner_lr.*1\.0e-4'),
+    (dict(texture_opt=dict(type='TextureWiseLoss', loss_weight=-1.0)), r'model\.texture_opt\.loss_weight'),
+    (dict(network_kr=dict(type='NoSuchKRNet')), r'model\.network_kr\.type'),
+    (dict(pairs=[('body.1', 'body.9')]), r'model\.pairs \(student module names\).*body\.0'),
+    (dict(pairs=[('body.1', )]), r'model\.pairs\[0\]'),
+])
+def test_option_errors_name_the_config_key(tmp_path, edit, match):
+    cfg = _cfg(tmp_path, 'e')
+    with pytest.raises((ValueError, KeyError, TypeError), match=match):
+        MODELS.build(dict(copy.deepcopy(cfg.model), **edit))
+
+
+def test_teacher_checkpoint_that_matches_too_little_is_refused(tmp_path):
+    cfg = _cfg(tmp_path, 'f')
+    bad = tmp_path / 'other_teacher.pth'
+    torch.save({'params': TinyEDSR(num_feat=8, num_block=1, upscale=2).state_dict()}, bad)
+    with pytest.raises(RuntimeError, match=r'model\.teacher_ckpt.*model\.strict_load_teacher'):
+        MODELS.build(dict(copy.deepcopy(cfg.model), teacher_ckpt=str(bad)))
+    with pytest.raises(RuntimeError, match=r'model\.strict_load_teacher is false.*matches only'):
+        MODELS.build(dict(copy.deepcopy(cfg.model), teacher_ckpt=str(bad), strict_load_teacher=False))
