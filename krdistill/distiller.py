@@ -28,7 +28,8 @@ from torch.func import functional_call
 
 from .features import FeatureRecorder, unwrap
 
-__all__ = ['Distiller', 'StepResult', 'probe', 'freeze_teacher', 'all_finite', 'average_over_ranks', 'world_size']
+__all__ = ['Distiller', 'StepResult', 'probe', 'freeze_teacher', 'all_finite', 'average_over_ranks', 'world_size',
+           'unwrap_optimizer']
 
 TeacherOutput = tuple  # (out_t, [feat_t per point])
 
@@ -83,7 +84,7 @@ def all_finite(tensors: Sequence[torch.Tensor | None]) -> bool:
     return bool(torch.isfinite(torch.stack([torch.linalg.vector_norm(t.detach().float()) for t in ts])).all())
 
 
-def _raw(optimizer):
+def unwrap_optimizer(optimizer):
     """The ``torch.optim`` optimizer under a wrapper (mmengine's ``OptimWrapper`` has ``.optimizer``)."""
     return getattr(optimizer, 'optimizer', optimizer)
 

@@ -1,7 +1,7 @@
 r"""The MetaKD meta update, framework-free (torch only).
 
 Reconstructed from the abstract of Zhu, Liu, Chen, arXiv 2207.08356 ("the KRNets are optimized
-in a meta-learning manner"); design note METAKD.md, section "Meta update". With student
+in a meta-learning manner"); design note docs/METAKD.md, section "Meta update". With student
 parameters :math:`\theta`, KRNet parameters :math:`\phi` and step size :math:`\alpha`:
 
 .. math::

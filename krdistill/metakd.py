@@ -7,7 +7,7 @@ into texture-aware dynamic kernels; the same kernels extract the student's textu
 teacher's guidance (texture-wise loss); the KRNets are trained by a meta objective: the student's
 pixel loss after a virtual step.
 
-BasicSR's ``MetaKDModel``, the mmengine ``MetaKDSRModel``, the plain-loop example and the
+BasicSR's ``MetaKDModel``, the mmengine ``MMEngineMetaKDModel``, the plain-loop example and the
 benchmark all run :meth:`MetaKD.train_step`; they only build it (:func:`krdistill.build.build_metakd`)
 and own the optimizers::
 
@@ -34,7 +34,8 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from .distiller import Distiller, StepResult, TeacherOutput, _raw, all_finite, average_over_ranks, world_size
+from .distiller import (Distiller, StepResult, TeacherOutput, all_finite, average_over_ranks, unwrap_optimizer,
+                        world_size)
 from .features import unwrap
 from .losses.texture_loss import TextureWiseLoss
 from .meta import adam_preconditioner, meta_gradient
@@ -209,7 +210,7 @@ class MetaKD(Distiller):
             return float(self.meta['inner_lr'])
         if student_optimizer is None:
             raise ValueError('meta.inner_lr is null (use the student\'s lr) but no student optimizer was given')
-        return float(_raw(student_optimizer).param_groups[0]['lr'])
+        return float(unwrap_optimizer(student_optimizer).param_groups[0]['lr'])
 
     def meta_grad(self, lq: torch.Tensor, gt: torch.Tensor, lq_meta: torch.Tensor, gt_meta: torch.Tensor,
                   teacher: TeacherOutput | None = None, student_optimizer=None) -> 'OrderedDict[str, torch.Tensor]':
@@ -228,7 +229,7 @@ class MetaKD(Distiller):
         if self.meta['precond'] == 'adam':
             if student_optimizer is None:
                 raise ValueError('meta.precond: adam needs the student optimizer')
-            precond = adam_preconditioner(_raw(student_optimizer), bare.named_parameters())
+            precond = adam_preconditioner(unwrap_optimizer(student_optimizer), bare.named_parameters())
         kr_params = self.meta_kr_parameters()
 
         def student_loss(params):

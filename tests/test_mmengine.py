@@ -18,7 +18,7 @@ from mmengine.runner import Runner  # noqa: E402
 from mmengine.runner.checkpoint import _load_checkpoint  # noqa: E402
 
 from krdistill.mmengine.compat import history_buffer_getattr  # noqa: E402
-from krdistill.mmengine.model import MetaKDOptimWrapperConstructor, MetaKDSRModel  # noqa: E402
+from krdistill.mmengine.model import MetaKDOptimWrapperConstructor, MMEngineMetaKDModel  # noqa: E402
 from krdistill.mmengine.nets import TinyEDSR  # noqa: E402
 
 CONFIG = Path(__file__).resolve().parents[1] / 'options' / 'mmengine' / 'metakd_tiny_x2.py'
@@ -49,7 +49,7 @@ def test_runner_trains_saves_and_resumes(tmp_path):
     runner = Runner.from_cfg(_cfg(tmp_path, 'a'))
     runner.train()
     model = runner.model
-    assert isinstance(model, MetaKDSRModel)
+    assert isinstance(model, MMEngineMetaKDModel)
     assert runner.iter == 4 and model.mkd._calls == 4
     hub = runner.message_hub
     for key in ('loss', 'l_pix', 'l_texture', 'l_meta', 'meta_grad_norm'):
@@ -98,7 +98,7 @@ def test_runner_trains_saves_and_resumes(tmp_path):
 
 
 def test_registration_and_config_errors(tmp_path):
-    for name in ('MetaKDSRModel', 'KRNet', 'TextureWiseLoss', 'SROutputKDLoss', 'SRFitNetLoss', 'SRATLoss',
+    for name in ('MMEngineMetaKDModel', 'KRNet', 'TextureWiseLoss', 'SROutputKDLoss', 'SRFitNetLoss', 'SRATLoss',
                  'SRFAKDLoss', 'MetaKDTinyEDSR'):
         assert MODELS.get(name) is not None, name
     kr = MODELS.build(dict(type='KRNet', s_channels=8, t_channels=16, width=4))

@@ -2,7 +2,7 @@
 
 Reconstructed from the abstract of Zhu, Liu, Chen, "Learning Knowledge Representation with
 Meta Knowledge Distillation for Single Image Super-Resolution", arXiv 2207.08356 (2022); no
-public code exists. Design note: METAKD.md, section "KRNet".
+public code exists. Design note: docs/METAKD.md, section "KRNet".
 """
 from __future__ import annotations
 
@@ -60,7 +60,7 @@ class KRNet(nn.Module):
     the correlation between teacher and student"; it generates texture-aware dynamic kernels
     that extract the student's texture features to be improved and the corresponding teacher
     guidance (texture-wise supervision), and weights them per texture. Everything beyond that
-    is our reconstruction (design note METAKD.md, "KRNet").
+    is our reconstruction (design note docs/METAKD.md, "KRNet").
 
     Computation (``F_s``: B x Cs x H x W, ``F_t``: B x Ct x H' x W')::
 

@@ -1,7 +1,7 @@
 """Texture-wise distillation loss of MetaKD (torch only): a pure function plus a thin module.
 
 Reconstructed from the abstract of Zhu, Liu, Chen, arXiv 2207.08356 ("decompose the
-distillation problem into texture-wise supervision"); design note METAKD.md, section
+distillation problem into texture-wise supervision"); design note docs/METAKD.md, section
 "Texture-wise loss".
 """
 from __future__ import annotations

@@ -5,7 +5,7 @@ it (1) makes mmengine 0.10.7's checkpoint loading work under torch >= 2.6 (see
 :mod:`krdistill.mmengine.compat`) and (2) registers in mmengine's root registries:
 
 =============================  ================================================================
-``MODELS``                     ``MetaKDSRModel`` (teacher + student + KRNets + meta update),
+``MODELS``                     ``MMEngineMetaKDModel`` (teacher + student + KRNets + meta update),
                                ``KRNet``, ``TextureWiseLoss``, the SR-KD baselines
                                ``SROutputKDLoss``, ``SRFitNetLoss``, ``SRATLoss``, ``SRFAKDLoss``
                                (prefixed: MMRazor has an unrelated ``ATLoss``), and the toy
@@ -29,10 +29,10 @@ from ..archs.krnet_arch import KRNet  # noqa: E402
 from ..losses.kd_loss import ATLoss, FAKDLoss, FitNetLoss, OutputKDLoss  # noqa: E402
 from ..losses.texture_loss import TextureWiseLoss  # noqa: E402
 from .data import SyntheticSRDataset  # noqa: E402
-from .model import MetaKDOptimWrapperConstructor, MetaKDSRModel  # noqa: E402
+from .model import MetaKDOptimWrapperConstructor, MMEngineMetaKDModel  # noqa: E402
 from .nets import TinyEDSR  # noqa: E402
 
-__all__ = ['MetaKDSRModel', 'MetaKDOptimWrapperConstructor', 'SyntheticSRDataset', 'TinyEDSR', 'REGISTERED']
+__all__ = ['MMEngineMetaKDModel', 'MetaKDOptimWrapperConstructor', 'SyntheticSRDataset', 'TinyEDSR', 'REGISTERED']
 
 
 def _register(registry, cls, name: str | None = None) -> None:
@@ -48,7 +48,7 @@ def _register(registry, cls, name: str | None = None) -> None:
 
 #: (registry name, registered name, class)
 REGISTERED = [
-    ('model', 'MetaKDSRModel', MetaKDSRModel),
+    ('model', 'MMEngineMetaKDModel', MMEngineMetaKDModel),
     ('model', 'KRNet', KRNet),
     ('model', 'TextureWiseLoss', TextureWiseLoss),
     ('model', 'SROutputKDLoss', OutputKDLoss),

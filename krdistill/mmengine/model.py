@@ -1,4 +1,4 @@
-"""MetaKD in mmengine: ``MetaKDSRModel`` (MODELS) and ``MetaKDOptimWrapperConstructor``.
+"""MetaKD in mmengine: ``MMEngineMetaKDModel`` (MODELS) and ``MetaKDOptimWrapperConstructor``.
 
 **Why a model and not a hook.** mmengine puts optimisation inside the model:
 ``IterBasedTrainLoop`` calls ``model.train_step(data, optim_wrapper)`` and the model decides what
@@ -25,7 +25,7 @@ then in BasicSR's registries or krdistill's tables (:func:`resolve`).
 Config (see ``options/mmengine/metakd_tiny_x2.py``)::
 
     custom_imports = dict(imports=['krdistill.mmengine'], allow_failed_imports=False)
-    model = dict(type='MetaKDSRModel',
+    model = dict(type='MMEngineMetaKDModel',
                  teacher=dict(type='EDSR', ...), teacher_ckpt='teacher.pth', teacher_param_key='params',
                  student=dict(type='EDSR', ...),
                  pairs=[('body.31', 'body.15')],
@@ -62,7 +62,7 @@ from ..distiller import freeze_teacher
 from ..io import load_weights
 from .compat import CHECKPOINT_GLOBALS
 
-__all__ = ['MetaKDSRModel', 'MetaKDOptimWrapperConstructor', 'build_sr_network', 'load_teacher', 'resolve']
+__all__ = ['MMEngineMetaKDModel', 'MetaKDOptimWrapperConstructor', 'build_sr_network', 'load_teacher', 'resolve']
 
 _OPTIM_KEYS = ('student', 'krnets')
 _OPTIM_EXAMPLE = ("optim_wrapper = dict(constructor='MetaKDOptimWrapperConstructor', "
@@ -108,7 +108,7 @@ def _stack(x):
     return torch.stack(list(x)) if isinstance(x, (list, tuple)) else x
 
 
-class MetaKDSRModel(BaseModel):
+class MMEngineMetaKDModel(BaseModel):
     """SR student trained with MetaKD (arXiv 2207.08356, reconstructed) inside mmengine's Runner.
 
     Args:
@@ -165,7 +165,7 @@ class MetaKDSRModel(BaseModel):
     @staticmethod
     def _unpack(data: Mapping):
         if not isinstance(data, Mapping) or 'lq' not in data:
-            raise KeyError(f'MetaKDSRModel: a batch must be a mapping with "lq" (and "gt" for training), '
+            raise KeyError(f'MMEngineMetaKDModel: a batch must be a mapping with "lq" (and "gt" for training), '
                            f'got {type(data).__name__} {sorted(data) if isinstance(data, Mapping) else ""}')
         return _stack(data['lq']), (_stack(data['gt']) if data.get('gt') is not None else None)
 
@@ -183,24 +183,24 @@ class MetaKDSRModel(BaseModel):
             if self.training:
                 # Only a wrapper that bypasses train_step (mmengine's default MMDistributedDataParallel)
                 # gets here while training: it would train the student without any meta update.
-                raise RuntimeError('MetaKDSRModel trains through its own train_step; for multi-GPU set '
+                raise RuntimeError('MMEngineMetaKDModel trains through its own train_step; for multi-GPU set '
                                    "model_wrapper_cfg=dict(type='MMSeparateDistributedDataParallel')")
             if gt is None:
-                raise ValueError('MetaKDSRModel: mode="loss" needs gt')
+                raise ValueError('MMEngineMetaKDModel: mode="loss" needs gt')
             total, terms, _ = self.mkd.loss(lq, gt)
             return dict(terms)
-        raise ValueError(f'MetaKDSRModel: mode must be tensor, predict or loss, got {mode!r}')
+        raise ValueError(f'MMEngineMetaKDModel: mode must be tensor, predict or loss, got {mode!r}')
 
     def train_step(self, data, optim_wrapper) -> dict:
         """One MetaKD iteration: meta update of the KRNets (every ``meta.every`` iterations, on the
         previous batch), then the student step through ``optim_wrapper.student``."""
         if not isinstance(optim_wrapper, OptimWrapperDict) or any(k not in optim_wrapper for k in _OPTIM_KEYS):
-            raise TypeError(f'MetaKDSRModel needs an OptimWrapperDict with keys {list(_OPTIM_KEYS)}, got '
+            raise TypeError(f'MMEngineMetaKDModel needs an OptimWrapperDict with keys {list(_OPTIM_KEYS)}, got '
                             f'{type(optim_wrapper).__name__}; use {_OPTIM_EXAMPLE}')
         data = self.data_preprocessor(data, True)
         lq, gt = self._unpack(data)
         if gt is None:
-            raise KeyError('MetaKDSRModel: a training batch needs "gt"')
+            raise KeyError('MMEngineMetaKDModel: a training batch needs "gt"')
         ow_s = optim_wrapper['student']
         if self.mkd.student is not self.student:
             # MMSeparateDistributedDataParallel replaced the sub-module by its DDP wrapper: the
@@ -227,7 +227,7 @@ class MetaKDSRModel(BaseModel):
 
 
 class MetaKDOptimWrapperConstructor:
-    """Build ``OptimWrapperDict(student=..., krnets=...)`` for :class:`MetaKDSRModel`.
+    """Build ``OptimWrapperDict(student=..., krnets=...)`` for :class:`MMEngineMetaKDModel`.
 
     Config::
 

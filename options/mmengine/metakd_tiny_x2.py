@@ -6,7 +6,7 @@ custom_imports = dict(imports=['krdistill.mmengine'], allow_failed_imports=False
 
 scale = 2
 model = dict(
-    type='MetaKDSRModel',
+    type='MMEngineMetaKDModel',
     teacher=dict(type='MetaKDTinyEDSR', num_feat=16, num_block=2, upscale=scale),
     teacher_ckpt=None,  # the trained teacher, e.g. 'experiments/teacher/models/net_g_latest.pth'
     teacher_param_key='params',
