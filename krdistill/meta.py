@@ -50,6 +50,7 @@ not require grad are passed through unchanged.
 """
 from __future__ import annotations
 
+import math
 from typing import Callable, Iterable, Mapping, Sequence, Union
 
 import torch
@@ -57,7 +58,8 @@ from torch import Tensor, nn
 
 from .features import unwrap
 
-__all__ = ['virtual_step', 'meta_gradient', 'adam_preconditioner', 'student_params']
+__all__ = ['virtual_step', 'meta_gradient', 'adam_preconditioner', 'student_params', 'optimizer_step',
+           'SUPPORTED_OPTIMIZERS']
 
 ParamDict = dict[str, Tensor]
 Loss = Callable[[ParamDict], Tensor]
@@ -143,6 +145,107 @@ def adam_preconditioner(optimizer: torch.optim.Optimizer,
     return out if found else None
 
 
+#: optimizers whose step :func:`optimizer_step` reproduces (subclasses included)
+SUPPORTED_OPTIMIZERS = (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD)
+StepFn = Callable[[Mapping[str, Tensor], Mapping[str, Tensor]], ParamDict]
+
+
+def _value(x) -> float:
+    return float(x.item()) if torch.is_tensor(x) else float(x)
+
+
+def optimizer_step(optimizer: torch.optim.Optimizer,
+                   named_params: Union[Mapping[str, Tensor], Iterable[tuple[str, Tensor]]],
+                   key: str = 'train.optim_g') -> StepFn:
+    r"""The step ``optimizer.step()`` would take, as a function ``(params, grads) -> params'``.
+
+    Out of place and differentiable in ``grads`` (and ``params``), with the optimizer's current
+    state (moments, step counts, momentum buffers) and hyper-parameters read once, as constants.
+    For Adam / AdamW (``amsgrad``, ``maximize``, coupled or decoupled weight decay):
+
+    .. math::
+        m' = \beta_1 m + (1-\beta_1) g,\quad v' = \beta_2 v + (1-\beta_2) g^2,\quad
+        \theta' = \theta - \frac{lr}{1-\beta_1^{t+1}} \frac{m'}{\sqrt{v'/(1-\beta_2^{t+1})} + \epsilon}
+
+    (``m = v = t = 0`` for a parameter without state yet); for SGD with momentum ``mu``,
+    dampening and Nesterov: ``b' = mu b + (1 - dampening) g`` (``b' = g`` without a buffer),
+    ``theta' = theta - lr (g + mu b')`` or ``theta - lr b'``. So the virtual step of the meta
+    objective is the step the student really takes next, momentum and bias corrections included
+    (a plain ``lr * g / P`` is about ``1 / (1 - beta1)`` times the part the current gradient causes).
+
+    Raises a clear error naming ``key`` for any other optimizer.
+    """
+    if not isinstance(optimizer, SUPPORTED_OPTIMIZERS):
+        raise NotImplementedError(
+            f'{key}.type: meta.virtual_step: optimizer reproduces the steps of '
+            f'{[c.__name__ for c in SUPPORTED_OPTIMIZERS]}, not {type(optimizer).__name__}; use one of those '
+            'or meta.virtual_step: plain')
+    items = list(named_params.items()) if isinstance(named_params, Mapping) else list(named_params)
+    group_of = {id(p): g for g in optimizer.param_groups for p in g['params']}
+    plans: dict[str, dict] = {}
+    for name, p in items:
+        group = group_of.get(id(p))
+        if group is None:
+            continue  # not stepped by this optimizer: left unchanged
+        state = optimizer.state.get(p, {})
+        plan = dict(lr=_value(group['lr']), wd=float(group.get('weight_decay', 0.0)),
+                    maximize=bool(group.get('maximize', False)))
+        if isinstance(optimizer, torch.optim.Adam):  # AdamW is a subclass
+            beta1, beta2 = (_value(b) for b in group['betas'])
+            step = _value(state['step']) if 'step' in state else 0.0
+            plan.update(kind='adam', beta1=beta1, beta2=beta2, eps=float(group['eps']), t=step + 1.0,
+                        decoupled=bool(group.get('decoupled_weight_decay', isinstance(optimizer, torch.optim.AdamW))),
+                        amsgrad=bool(group.get('amsgrad', False)),
+                        m=state['exp_avg'].detach() if 'exp_avg' in state else None,
+                        v=state['exp_avg_sq'].detach() if 'exp_avg_sq' in state else None,
+                        vmax=state['max_exp_avg_sq'].detach() if 'max_exp_avg_sq' in state else None)
+        else:
+            buf = state.get('momentum_buffer')
+            plan.update(kind='sgd', momentum=float(group.get('momentum', 0.0)),
+                        dampening=float(group.get('dampening', 0.0)), nesterov=bool(group.get('nesterov', False)),
+                        buf=buf.detach() if buf is not None else None)
+        plans[name] = plan
+
+    def step(params: Mapping[str, Tensor], grads: Mapping[str, Tensor | None]) -> ParamDict:
+        out: ParamDict = {}
+        for name, p in params.items():
+            g, plan = grads.get(name), plans.get(name)
+            if g is None or plan is None:
+                out[name] = p
+                continue
+            if g.shape != p.shape:
+                raise ValueError(f'optimizer_step: gradient of {name!r} has shape {tuple(g.shape)}, '
+                                 f'parameter has {tuple(p.shape)}.')
+            if plan['maximize']:
+                g = -g
+            lr, wd = plan['lr'], plan['wd']
+            if plan['kind'] == 'adam':
+                base = p
+                if wd != 0:
+                    if plan['decoupled']:
+                        base = p * (1 - lr * wd)
+                    else:
+                        g = g + wd * p
+                b1, b2, t = plan['beta1'], plan['beta2'], plan['t']
+                m = (1 - b1) * g if plan['m'] is None else b1 * plan['m'] + (1 - b1) * g
+                v = (1 - b2) * g * g if plan['v'] is None else b2 * plan['v'] + (1 - b2) * g * g
+                if plan['amsgrad']:
+                    v = v if plan['vmax'] is None else torch.maximum(plan['vmax'], v)
+                denom = v.sqrt() / math.sqrt(1 - b2**t) + plan['eps']
+                out[name] = base - (lr / (1 - b1**t)) * m / denom
+            else:
+                if wd != 0:
+                    g = g + wd * p
+                mu = plan['momentum']
+                if mu != 0:
+                    b = g if plan['buf'] is None else mu * plan['buf'] + (1 - plan['dampening']) * g
+                    g = g + mu * b if plan['nesterov'] else b
+                out[name] = p - lr * g
+        return out
+
+    return step
+
+
 def _grads(loss: Tensor, inputs: Sequence[Tensor], create_graph: bool = False) -> list[Tensor]:
     """``d loss / d inputs`` with zeros for inputs the loss does not use."""
     if not inputs:
@@ -168,8 +271,9 @@ def meta_gradient(student: nn.Module,
                   lr: float,
                   mode: str = 'exact',
                   precond: Mapping[str, Tensor | None] | None = None,
-                  fd_eps: float = 0.01,
-                  reduce: Callable[[list[Tensor]], list[Tensor]] | None = None) -> tuple[list[Tensor], dict[str, Tensor]]:
+                  fd_eps: float = 1e-3,
+                  reduce: Callable[[list[Tensor]], list[Tensor]] | None = None,
+                  step_fn: StepFn | None = None) -> tuple[list[Tensor], dict[str, Tensor]]:
     r"""Gradient of the meta loss after a virtual student step w.r.t. the KRNet parameters.
 
     Args:
@@ -184,8 +288,12 @@ def meta_gradient(student: nn.Module,
         mode: ``'exact'`` (second order, default) or ``'finite_difference'`` (DARTS).
         precond: optional ``{name: P}`` divisors for the virtual step (see
             :func:`adam_preconditioner`), treated as constants.
-        fd_eps: finite-difference radius in parameter space, ``eps = fd_eps / ||u||``.
-            Default 0.01 (DARTS).
+        fd_eps: finite-difference radius in parameter space, relative to the direction's norm
+            (``eps = fd_eps / ||u||``, as DARTS). Default 1e-3: on a small float64 problem it is
+            0.1-2% off the exact meta gradient; DARTS' 0.01 was 16-21% off.
+        step_fn: the virtual step as a function ``(params, grads) -> params'`` (e.g.
+            :func:`optimizer_step`, the student optimizer's real step); replaces ``lr`` and
+            ``precond``.
         reduce: data parallelism: averages a list of per-rank tensors over ranks (e.g. with
             ``torch.distributed.nn.functional.all_reduce``, which is differentiable). Applied to
             the student gradient of the virtual step (inside the graph in ``exact`` mode) and, in
@@ -214,11 +322,17 @@ def meta_gradient(student: nn.Module,
     names = [n for n, p in params.items() if p.requires_grad]
     buffers = {n: b.detach().clone() for n, b in bare.named_buffers()}
     try:
+        if step_fn is None:
+            def step_fn(theta, g, lr=lr, precond=precond):
+                return virtual_step(theta, g, lr, precond)
+            plain = True
+        else:
+            plain = False
         if mode == 'exact':
-            grads, info = _exact(params, names, student_loss, meta_loss, kr_params, lr, precond, reduce)
+            grads, info = _exact(params, names, student_loss, meta_loss, kr_params, step_fn, reduce)
         else:
             grads, info = _finite_difference(params, names, student_loss, meta_loss, kr_params, lr, precond, fd_eps,
-                                             reduce)
+                                             reduce, None if plain else step_fn)
     finally:
         if buffers:
             with torch.no_grad():
@@ -242,36 +356,47 @@ def _leaves(params: Mapping[str, Tensor], names: Sequence[str]) -> ParamDict:
     return out
 
 
-def _exact(params, names, student_loss, meta_loss, kr_params, lr, precond, reduce=None):
+def _exact(params, names, student_loss, meta_loss, kr_params, step_fn, reduce=None):
     theta = _leaves(params, names)
     l_s = _check_scalar(student_loss(theta), 'student_loss')
     g = _grads(l_s, [theta[n] for n in names], create_graph=True)
     if reduce is not None:
         g = list(reduce(g))
-    theta_v = virtual_step(theta, dict(zip(names, g)), lr, precond)
+    theta_v = step_fn(theta, dict(zip(names, g)))
     l_m = _check_scalar(meta_loss(theta_v), 'meta_loss')
     grads = [x.detach() for x in _grads(l_m, kr_params)]
     return grads, {'l_student': l_s.detach(), 'l_meta': l_m.detach()}
 
 
-def _finite_difference(params, names, student_loss, meta_loss, kr_params, lr, precond, fd_eps, reduce=None):
+def _finite_difference(params, names, student_loss, meta_loss, kr_params, lr, precond, fd_eps, reduce=None,
+                       step_fn=None):
     theta = _leaves(params, names)
     l_s = _check_scalar(student_loss(theta), 'student_loss')
     g = [x.detach() for x in _grads(l_s, [theta[n] for n in names])]
     if reduce is not None:
         g = [x.detach() for x in reduce(g)]
     with torch.no_grad():
-        stepped = virtual_step({n: theta[n].detach() for n in names}, dict(zip(names, g)), lr, precond)
+        stepped = virtual_step({n: theta[n].detach() for n in names}, dict(zip(names, g)), lr, precond) \
+            if step_fn is None else step_fn({n: theta[n].detach() for n in names}, dict(zip(names, g)))
     theta_v = dict(params)
     theta_v.update({n: stepped[n].requires_grad_(True) for n in names})
     l_m = _check_scalar(meta_loss(theta_v), 'meta_loss')
     v = _grads(l_m, [theta_v[n] for n in names])
     if reduce is not None:
         v = [x.detach() for x in reduce(v)]
+    scale = -lr
+    if step_fn is not None:
+        # Chain rule through theta' = step(theta, g): the direction is (d theta' / d g)^T v.
+        g_leaf = [x.detach().requires_grad_(True) for x in g]
+        with torch.enable_grad():
+            out = step_fn({n: theta[n].detach() for n in names}, dict(zip(names, g_leaf)))
+            dot = torch.stack([(out[n] * x).sum() for n, x in zip(names, v)]).sum()
+        u_list = _grads(dot, g_leaf)
+        scale = 1.0
     with torch.no_grad():
-        # Chain rule through theta' = theta - lr * g / P: the direction is u = v / P.
+        # Chain rule through theta' = theta - lr * g / P: the direction is u = v / P (times -lr).
         u = {n: (x / precond[n] if precond is not None and precond.get(n) is not None else x)
-             for n, x in zip(names, v)}
+             for n, x in zip(names, v)} if step_fn is None else dict(zip(names, u_list))
         norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(x) for x in u.values()])) \
             if u else torch.zeros(())
     if not kr_params:
@@ -286,5 +411,5 @@ def _finite_difference(params, names, student_loss, meta_loss, kr_params, lr, pr
             shifted = dict(params)
             shifted.update({n: params[n].detach() + sign * eps * u[n] for n in names})
         side.append(_grads(_check_scalar(student_loss(shifted), 'student_loss'), kr_params))
-    grads = [(-lr / (2 * eps)) * (gp - gm) for gp, gm in zip(*side)]
+    grads = [(scale / (2 * eps)) * (gp - gm) for gp, gm in zip(*side)]
     return [x.detach() for x in grads], {'l_student': l_s.detach(), 'l_meta': l_m.detach(), 'fd_step': eps.detach()}

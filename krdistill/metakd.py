@@ -38,15 +38,15 @@ from .distiller import (Distiller, StepResult, TeacherOutput, all_finite, averag
                         world_size)
 from .features import unwrap
 from .losses.texture_loss import TextureWiseLoss
-from .meta import adam_preconditioner, meta_gradient
+from .meta import adam_preconditioner, meta_gradient, optimizer_step
 
 __all__ = ['MetaKD', 'KRTextureTerm', 'META_DEFAULTS', 'check_meta_options']
 
 #: the ``meta:`` block of an option file, with the design's defaults (``dataset``: BasicSR only)
-META_DEFAULTS = dict(every=1, mode='exact', inner_lr=None, precond='none', update='meta', fd_eps=0.01,
-                     adapters='meta')
+META_DEFAULTS = dict(every=1, mode='exact', inner_lr=None, precond='none', update='meta', fd_eps=1e-3,
+                     adapters='meta', virtual_step='plain')
 _CHOICES = dict(mode=('exact', 'finite_difference'), precond=('none', 'adam'), update=('meta', 'joint', 'frozen'),
-                adapters=('meta', 'joint', 'student'))
+                adapters=('meta', 'joint', 'student'), virtual_step=('plain', 'optimizer'))
 
 
 def _number_error(key: str, value: Any, what: str) -> ValueError:
@@ -88,6 +88,9 @@ def check_meta_options(meta: Mapping | None, key: str = 'meta', extra_keys: Sequ
     if out['inner_lr'] is not None:
         check_number(out['inner_lr'], f'{key}.inner_lr (null: the student\'s current lr)', minimum=0, exclusive=True)
     check_number(out['fd_eps'], f'{key}.fd_eps', minimum=0, exclusive=True)
+    if out['virtual_step'] == 'optimizer' and (out['precond'] != 'none' or out['inner_lr'] is not None):
+        raise ValueError(f'{key}.virtual_step: optimizer takes the student optimizer\'s own step (its lr, momentum '
+                         f'and preconditioning); leave {key}.precond at none and {key}.inner_lr at null')
     return out
 
 
@@ -122,7 +125,9 @@ class MetaKD(Distiller):
         meta: the ``meta:`` options (:data:`META_DEFAULTS`, validated by :func:`check_meta_options`):
             ``every``, ``mode`` (exact | finite_difference), ``inner_lr`` (None: the student's current
             lr), ``precond`` (none | adam), ``update`` (meta | joint | frozen), ``fd_eps``,
-            ``adapters`` (meta | joint | student): how the KRNets' 1x1 alignment convs
+            ``virtual_step`` (plain: ``theta - alpha g / P``; optimizer: the step the student's
+            optimizer would really take, momentum and bias corrections included,
+            :func:`krdistill.meta.optimizer_step`), ``adapters`` (meta | joint | student): how the KRNets' 1x1 alignment convs
             (``adapter_s``, ``adapter_t``) are trained: like the rest of the KRNet (``meta``), on the
             student objective at every iteration like a FitNet regressor (``joint``: both;
             ``student``: only ``adapter_s``). They are stepped by the KRNets' optimizer.
@@ -231,6 +236,11 @@ class MetaKD(Distiller):
                 raise ValueError('meta.precond: adam needs the student optimizer')
             precond = adam_preconditioner(unwrap_optimizer(student_optimizer), bare.named_parameters())
         kr_params = self.meta_kr_parameters()
+        step_fn = None
+        if self.meta['virtual_step'] == 'optimizer':
+            if student_optimizer is None:
+                raise ValueError('meta.virtual_step: optimizer needs the student optimizer')
+            step_fn = optimizer_step(unwrap_optimizer(student_optimizer), bare.named_parameters())
 
         def student_loss(params):
             return self.loss(lq, gt, teacher, params)[0]
@@ -239,9 +249,10 @@ class MetaKD(Distiller):
             return self.pixel_loss(functional_call(bare, params, (lq_meta,)), gt_meta)
 
         distributed = world_size() > 1
-        grads, info = meta_gradient(self.student, student_loss, meta_loss, kr_params,
-                                    lr=self.inner_lr(student_optimizer), mode=self.meta['mode'], precond=precond,
-                                    fd_eps=self.meta['fd_eps'], reduce=_differentiable_mean if distributed else None)
+        lr = self.inner_lr(student_optimizer) if step_fn is None else 0.0
+        grads, info = meta_gradient(self.student, student_loss, meta_loss, kr_params, lr=lr, mode=self.meta['mode'],
+                                    precond=precond, fd_eps=self.meta['fd_eps'],
+                                    reduce=_differentiable_mean if distributed else None, step_fn=step_fn)
         average_over_ranks(grads)
         for p, g in zip(kr_params, grads):
             p.grad = g
