@@ -114,12 +114,17 @@ def load_training_state(path: str, map_location: Any = 'cpu', key: str = 'path.r
         if 'weights only' not in text.lower() and 'weights_only' not in text.lower():
             raise ValueError(f'{key}: cannot read the training state {path} (truncated or not a torch file?): '
                              f'{type(e).__name__}: {text.splitlines()[0] if text else ""}') from None
-        found = re.search(r'Unsupported global: GLOBAL (\S+)', text) or re.search(r'(Unsupported operand \S+)', text)
+        found = (re.search(r'GLOBAL ([A-Za-z_][\w.]*)', text)
+                 or re.search(r'(Unsupported operand \S+)', text))
         what = f' (refused: {found.group(1)})' if found else ''
         raise RefusedStateError(
             f'{key}: {path} holds objects other than tensors, numbers, strings and containers{what}; '
             'krdistill loads training states with torch.load(weights_only=True) and will not load it. '
             'Resume from a training state written by this krdistill version.') from None
+    except (RuntimeError, EOFError) as e:  # a truncated or foreign file (torch's zip reader, an empty file)
+        text = str(e)
+        raise ValueError(f'{key}: cannot read the training state {path} (truncated or not a torch file?): '
+                         f'{type(e).__name__}: {text.splitlines()[0] if text else ""}') from e
 
 
 class _SkipFirst(torch.utils.data.Sampler):
