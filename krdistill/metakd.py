@@ -166,12 +166,16 @@ class MetaKD(Distiller):
 
     def joint_kr_parameters(self) -> list[nn.Parameter]:
         """KRNet parameters trained on the student objective at every iteration: all of them with
-        ``update='joint'``, else the adapters chosen by ``adapters``."""
+        ``update='joint'``, else the adapters chosen by ``adapters`` and the regressor of a FitNet
+        branch."""
         if self.meta['update'] == 'joint':
             return self.kr_parameters()
         names = {'meta': (), 'joint': ('adapter_s', 'adapter_t'), 'student': ('adapter_s', )}[self.meta['adapters']]
         params = []
-        for kr in self.krnets:
+        for kr in self.krnets:  # a FitNet branch's regressor is a regressor: trained like FitNet's
+            reg = getattr(kr, 'regressor', None) if getattr(kr, 'fitnet_branch', False) else None
+            if reg is not None:
+                params += [p for p in reg.parameters() if p.requires_grad]
             for name in names:
                 mod = getattr(kr, name, None)
                 if mod is None:

@@ -125,7 +125,15 @@ class KRNet(nn.Module):
             helps ("transmit knowledge in accordance with the abilities of students"); the
             softmax alone can only redistribute a fixed total. Meaningless with
             ``update='joint'`` (minimising the texture loss drives ``g`` to 0). Default False.
-        eps: stabiliser of the normalisations. Default 1e-6.
+        fitnet_branch: add FitNet's representation beside the textures: a learned 1x1
+            regressor ``R`` (``Cs -> Ct``, with bias, as :class:`~krdistill.losses.kd_loss.FitNetLoss`)
+            and the raw teacher feature, compared by ``TextureWiseLoss`` as
+            ``b_fit * mean|R(F_s) - F_t|``; the texture weights are scaled by ``b_tex``. Both branch
+            weights are learned (clamped at 0) and start at ``b_fit = 1``, ``b_tex = texture_init``
+            (default 0), so the family contains FitNet and, at initialisation, *is* FitNet: the meta
+            objective has to earn every bit of texture supervision on top of it. ``R`` is a regressor
+            and is trained on the student objective (like FitNet's). Excludes ``gain``. Default False.
+        texture_init: initial ``b_tex`` with ``fitnet_branch``. Default 0.
 
     Shape:
         - feat_s: ``B x Cs x H x W`` (student feature, with gradient).
@@ -155,7 +163,9 @@ class KRNet(nn.Module):
                  hidden: int = 64,
                  normalize: str | bool = 'rms',
                  gain: bool = False,
-                 eps: float = 1e-6) -> None:
+                 eps: float = 1e-6,
+                 fitnet_branch: bool = False,
+                 texture_init: float = 0.0) -> None:
         super().__init__()
         if isinstance(normalize, bool):
             normalize = 'rms' if normalize else 'none'
@@ -174,6 +184,10 @@ class KRNet(nn.Module):
             raise ValueError(f'KRNet: normalize must be one of {_NORMALIZE}, got {normalize!r}.')
         if per_pixel and not dynamic:
             raise ValueError('KRNet: per_pixel=True needs dynamic=True (static kernels are the same everywhere).')
+        if fitnet_branch and gain:
+            raise ValueError('KRNet: fitnet_branch has its own learned texture weight; do not set gain as well.')
+        if isinstance(texture_init, bool) or not isinstance(texture_init, (int, float)) or texture_init < 0:
+            raise ValueError(f'KRNet: texture_init must be a number >= 0, got {texture_init!r}.')
 
         self.s_channels = int(s_channels)
         self.t_channels = int(t_channels)
@@ -216,6 +230,11 @@ class KRNet(nn.Module):
             self.weight_logits = nn.Parameter(torch.zeros(n))
         if self.gain:
             self.log_gain = nn.Parameter(torch.zeros(()))
+        self.fitnet_branch = bool(fitnet_branch)
+        if self.fitnet_branch:
+            self.regressor = nn.Conv2d(self.s_channels, self.t_channels, 1)
+            self.fitnet_weight = nn.Parameter(torch.ones(()))
+            self.texture_weight = nn.Parameter(torch.full((), float(texture_init)))
 
     @property
     def num_corr(self) -> int:
@@ -226,7 +245,8 @@ class KRNet(nn.Module):
         return (f's_channels={self.s_channels}, t_channels={self.t_channels}, width={self.width}, '
                 f'num_kernels={self.num_kernels}, kernel_size={self.kernel_size}, corr_radius={self.corr_radius}, '
                 f'use_correlation={self.use_correlation}, dynamic={self.dynamic}, per_pixel={self.per_pixel}, '
-                f'hidden={self.hidden}, normalize={self.normalize!r}, gain={self.gain}, eps={self.eps:g}')
+                f'hidden={self.hidden}, normalize={self.normalize!r}, gain={self.gain}, eps={self.eps:g}, '
+                f'fitnet_branch={self.fitnet_branch}')
 
     # ----------------------------------------------------------------------------------------
     def _norm(self, p: Tensor) -> Tensor:
@@ -297,6 +317,12 @@ class KRNet(nn.Module):
             weights = torch.softmax(self.weight_logits, dim=0).unsqueeze(0).expand(b, n)
         if self.gain:
             weights = weights * self.log_gain.exp()
+        extra = {}
+        if self.fitnet_branch:
+            weights = weights * self.texture_weight.clamp_min(0)
+            fit_t = feat_t if feat_t.shape[-2:] == (h, w) else \
+                F.interpolate(feat_t, size=(h, w), mode='bilinear', align_corners=False)
+            extra = {'fit_s': self.regressor(feat_s), 'fit_t': fit_t, 'fit_weight': self.fitnet_weight.clamp_min(0)}
 
         # Student and teacher go through the same kernels in one pass: channels [P_s, P_t].
         both = F.pad(torch.cat([p_s, p_t], dim=1), (pad, pad, pad, pad), mode='replicate')
@@ -307,4 +333,4 @@ class KRNet(nn.Module):
         else:
             tex = _unfold_texture(both, kernels.reshape(b, n, taps), k, h, w)
         tex_s, tex_t = tex.split(self.width, dim=2)
-        return {'tex_s': tex_s, 'tex_t': tex_t, 'weights': weights, 'kernels': kernels}
+        return {'tex_s': tex_s, 'tex_t': tex_t, 'weights': weights, 'kernels': kernels, **extra}

@@ -139,6 +139,17 @@ class TextureWiseLoss(nn.Module):
     def _one(self, tex_s: Tensor, tex_t: Tensor, weights: Tensor) -> Tensor:
         return texture_wise_loss(tex_s, tex_t, weights, self.criterion, self.eps, self.reduction)
 
+    def _point(self, out: KROutput) -> Tensor:
+        """One KRNet output: the texture term, plus ``fit_weight * mean|fit_s - fit_t|`` (FitNet's L1)
+        when the KRNet has a FitNet branch."""
+        loss = self._one(*self._unpack(out))
+        if 'fit_s' in out:
+            per_sample = (out['fit_s'] - out['fit_t']).abs().flatten(1).mean(1)
+            fit = per_sample.mean() if self.reduction == 'mean' else \
+                per_sample.sum() if self.reduction == 'sum' else per_sample
+            loss = loss + out['fit_weight'] * fit
+        return loss
+
     @staticmethod
     def _unpack(out: KROutput) -> tuple[Tensor, Tensor, Tensor]:
         missing = [k for k in ('tex_s', 'tex_t', 'weights') if k not in out]
@@ -157,9 +168,9 @@ class TextureWiseLoss(nn.Module):
         if tex_t is not None or weights is not None:
             raise TypeError('TextureWiseLoss: with a KRNet output dict, pass no tex_t / weights.')
         if isinstance(tex_s, Mapping):
-            return self.loss_weight * self._one(*self._unpack(tex_s))
+            return self.loss_weight * self._point(tex_s)
         outs = list(tex_s)
         if not outs:
             raise ValueError('TextureWiseLoss: got an empty list of KRNet outputs.')
         # stack().sum() keeps the graph (never torch.tensor([...])).
-        return self.loss_weight * torch.stack([self._one(*self._unpack(o)) for o in outs]).sum(dim=0)
+        return self.loss_weight * torch.stack([self._point(o) for o in outs]).sum(dim=0)
