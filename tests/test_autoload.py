@@ -176,7 +176,8 @@ def test_basicsr_train_problem(tmp_path, monkeypatch):
     states.mkdir(parents=True)
     (states / '2.state').write_bytes(b'')
     assert 'without CUDA' in basicsr_train_problem(['-opt', yml, '--auto_res'], cuda_available=False)  # abbreviated
-    assert basicsr_train_problem(['-opt', yml, '--auto_resume', '--debug'], cuda_available=False) is None  # debug_<name>
+    # --debug: BasicSR looks in experiments/debug_<name>, where nothing is
+    assert basicsr_train_problem(['-opt', yml, '--auto_resume', '--debug'], cuda_available=False) is None
 
     teacher = copy.deepcopy(opt)
     teacher['path'].update(resume_state='x.state', ignore_resume_networks=None)

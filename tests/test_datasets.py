@@ -204,7 +204,7 @@ def test_single_image_dataset(tmp_path):
 def test_lmdb_sizes_from_meta_info(tmp_path):
     for name, size in (('gt.lmdb', 32), ('lq.lmdb', 16)):
         (tmp_path / name).mkdir()
-        (tmp_path / name / 'meta_info.txt').write_text(f'img000.png ({size},{size},3) 1\nimg001.png ({size},{size},3) 1\n')
+        (tmp_path / name / 'meta_info.txt').write_text(''.join(f'img00{i}.png ({size},{size},3) 1\n' for i in range(2)))
     opt = _opt(tmp_path / 'gt.lmdb', tmp_path / 'lq.lmdb', io_backend=dict(type='lmdb'))
     preflight.check_dataset('train', opt)
     with pytest.raises(ValueError, match='exactly scale'):

@@ -48,7 +48,8 @@ def test_sigkill_then_auto_resume(tmp_path):
     assert (models / 'net_g_latest.pth').is_file() and (models / 'net_kr_latest.pth').is_file()
 
     # what resume restores, piece by piece, against the files of the last complete checkpoint
-    state = torch.load(states / f'{last}.state', map_location='cpu', weights_only=False)
+    # the training state holds plain values only: it loads with weights_only (krdistill/resume.py)
+    state = torch.load(states / f'{last}.state', map_location='cpu', weights_only=True)
     assert state['iter'] == last
     ropt = copy.deepcopy(opt)
     ropt['path'].update(resume_state=str(states / f'{last}.state'), pretrain_network_g=str(models / f'net_g_{last}.pth'))

@@ -1,7 +1,6 @@
 """A plug-in patches nothing: a plain BasicSR run is the same with and without krdistill, and
 krdistill-train changes BasicSR only for the duration of its own call (CONVENTIONS.md)."""
 import ast
-import copy
 import json
 import os
 import re
@@ -92,7 +91,8 @@ def _losses(root: Path, name: str) -> list[str]:
 
 def _weights(root: Path, name: str) -> dict:
     models = root / 'experiments' / name / 'models'
-    return {p.name: torch.load(p, map_location='cpu', weights_only=True)['params'] for p in sorted(models.glob('*.pth'))}
+    return {p.name: torch.load(p, map_location='cpu', weights_only=True)['params']
+            for p in sorted(models.glob('*.pth'))}
 
 
 def test_plain_basicsr_run_is_identical_with_and_without_krdistill(tmp_path):
@@ -186,8 +186,9 @@ print(json.dumps(report))
 
 def test_compat_is_the_alias_only():
     from krdistill import compat
-    assert [n for n in dir(compat) if not n.startswith('_') and callable(getattr(compat, n))
-            and getattr(getattr(compat, n), '__module__', '') == compat.__name__] == ['alias_functional_tensor', 'apply']
+    own = [n for n in dir(compat) if not n.startswith('_') and callable(getattr(compat, n))
+           and getattr(getattr(compat, n), '__module__', '') == compat.__name__]
+    assert own == ['alias_functional_tensor', 'apply']
     compat.apply()
     compat.apply()
     assert 'torchvision.transforms.functional_tensor' in sys.modules

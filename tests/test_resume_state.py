@@ -1,7 +1,6 @@
 """Training states hold plain values and load with ``torch.load(weights_only=True)``; a file holding
 anything else is refused and never unpickled; krdistill-train resumes on the CPU, keeps the teacher's
 settings, and resumes a state written with ``epoch: -1`` (krdistill/resume.py, krdistill/entry.py)."""
-import copy
 import os
 import random
 import re
@@ -70,7 +69,8 @@ def test_plain_state_turns_counter_into_dict_and_the_scheduler_behaves_the_same(
     sched_states = [s.state_dict() for s in scheds]
     assert type(sched_states[0]['milestones']).__name__ == 'Counter'
     state = {'epoch': 0, 'iter': 3, 'optimizers': [opt.state_dict()], 'schedulers': sched_states,
-             'krdistill': {'ranks': [{'rng': rng_state(), 'meta_state': {'last_batch': (torch.ones(1), torch.zeros(1))}}]}}
+             'krdistill': {'ranks': [{'rng': rng_state(),
+                                      'meta_state': {'last_batch': (torch.ones(1), torch.zeros(1))}}]}}
     plain = plain_state(state)
     _assert_plain(plain)
     assert plain['schedulers'][0]['milestones'] == {2: 1, 4: 2}
@@ -142,7 +142,8 @@ def test_krdistill_train_refuses_a_pickle_with_code(tmp_path, monkeypatch, how):
 
 def test_check_resume_keeps_the_teacher():
     opt = {'network_g': {}, 'network_t': {}, 'network_kr': {},
-           'path': {'resume_state': 'x/7.state', 'models': 'm', 'pretrain_network_t': 't.pth', 'param_key_t': 'params_ema',
+           'path': {'resume_state': 'x/7.state', 'models': 'm', 'pretrain_network_t': 't.pth',
+                    'param_key_t': 'params_ema',
                     'param_key_g': 'params_ema', 'ignore_resume_networks': None}}
     entry.check_resume(opt, 7)
     p = opt['path']
