@@ -22,7 +22,7 @@ from typing import Iterable, Sequence
 import torch
 from torch import nn
 
-__all__ = ['FeatureRecorder', 'unwrap', 'resolve_module', 'nearest_names']
+__all__ = ['FeatureRecorder', 'unwrap', 'resolve_module', 'nearest_names', 'as_feature_map']
 
 
 def unwrap(net: nn.Module) -> nn.Module:
@@ -59,7 +59,9 @@ def resolve_module(net: nn.Module, name: str, key: str = 'module name') -> nn.Mo
                    f'Run tools/list_modules.py on your option file to see all names and output shapes.')
 
 
-def _to_map(name: str, module: nn.Module, args: tuple, output) -> torch.Tensor:
+def as_feature_map(name: str, module: nn.Module, args: tuple, output) -> torch.Tensor:
+    """``output`` of module ``name`` as a ``B x C x H x W`` map (SwinIR-style tokens reshaped with the
+    ``(H, W)`` size argument); raises for outputs that are no feature map."""
     if isinstance(output, (tuple, list)):
         output = output[0]
     if not torch.is_tensor(output):
@@ -111,7 +113,7 @@ class FeatureRecorder:
         def hook(module, args, output):
             if not self.active:
                 return
-            feat = _to_map(name, module, args, output)
+            feat = as_feature_map(name, module, args, output)
             self._store[name] = feat.detach() if self.detach else feat
         return hook
 

@@ -115,8 +115,13 @@ class TeacherStudentModel(SRModel):
 
     def _kd_block(self) -> dict:
         kd = deepcopy(self.opt.get('kd') or {})
+        if kd == 'auto':
+            kd = {'auto': True}
         if not isinstance(kd, dict):
-            raise TypeError(f'kd: must be a mapping with keys {list(self.kd_keys)}, got {type(kd).__name__}')
+            raise TypeError(f'kd: must be "auto" or a mapping with keys {list(self.kd_keys) + ["auto", "points"]}, '
+                            f'got {kd!r}')
+        if kd.get('auto'):
+            return self._auto_kd_block(kd)
         unknown = sorted(set(kd) - set(self.kd_keys))
         if unknown:
             raise KeyError(f'kd: unknown key(s) {unknown}; allowed: {sorted(self.kd_keys)}')
@@ -131,6 +136,23 @@ class TeacherStudentModel(SRModel):
             raise ValueError(f'kd.teacher_layers ({len(kd["teacher_layers"])} names) and kd.student_layers '
                              f'({len(kd["student_layers"])} names) must pair up one to one')
         return kd
+
+    def _auto_kd_block(self, kd: dict) -> dict:
+        """``kd: auto`` / ``{auto: true, points: N}``: points paired by relative depth along the bodies
+        (:func:`krdistill.pairing.auto_pairs`); names given as well override the choice."""
+        from ..pairing import auto_pairs, format_pairs
+        unknown = sorted(set(kd) - {'auto', 'points', *self.kd_keys})
+        if unknown:
+            raise KeyError(f'kd: unknown key(s) {unknown} with kd.auto; allowed: auto, points')
+        if kd.get('teacher_layers') or kd.get('student_layers'):
+            raise KeyError('kd: give either kd.auto or kd.teacher_layers / kd.student_layers, not both')
+        points = check_number(kd.get('points', 1), 'kd.points', minimum=1, integer=True)
+        in_ch = self.opt['network_g'].get('num_in_ch', 3)
+        lq = torch.rand(1, in_ch, 16, 16, generator=torch.Generator().manual_seed(0)).to(self.device)
+        pairs = auto_pairs(self.net_t, self.net_g, points, lq)
+        get_root_logger().info(f'kd: auto chose {len(pairs)} distillation point(s) (teacher -> student):\n'
+                               f'{format_pairs(pairs)}')
+        return dict(teacher_layers=[p[0] for p in pairs], student_layers=[p[1] for p in pairs])
 
     def _probe(self) -> dict:
         """One dummy forward of each network: module names exist, scales agree, channels known."""
