@@ -40,7 +40,7 @@ from .features import unwrap
 from .losses.texture_loss import TextureWiseLoss
 from .meta import adam_preconditioner, meta_gradient, optimizer_step
 
-__all__ = ['MetaKD', 'KRTextureTerm', 'META_DEFAULTS', 'check_meta_options']
+__all__ = ['MetaKD', 'KRTextureTerm', 'META_DEFAULTS', 'check_meta_options', 'check_number', 'texture_stats']
 
 #: the ``meta:`` block of an option file, with the design's defaults (``dataset``: BasicSR only)
 META_DEFAULTS = dict(every=1, mode='exact', inner_lr=None, precond='none', update='meta', fd_eps=1e-3,
@@ -104,9 +104,26 @@ class KRTextureTerm(nn.Module):
         super().__init__()
         self.krnet = krnet
         self.texture_loss = texture_loss
+        self.stats: dict[str, torch.Tensor] = {}
 
     def forward(self, feat_s: torch.Tensor, feat_t: torch.Tensor) -> torch.Tensor:
-        return self.texture_loss(self.krnet(feat_s, feat_t))
+        out = self.krnet(feat_s, feat_t)
+        self.stats = texture_stats(out)
+        return self.texture_loss(out)
+
+
+@torch.no_grad()
+def texture_stats(out: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """What a KRNet transfers, for the logs: ``texture_gain`` (the sum of the texture weights, the
+    overall strength), ``texture_entropy`` (of the normalised weights, nats; log N = uniform, 0 =
+    one texture) and, with a FitNet branch, ``fitnet_weight``."""
+    w = out['weights'].detach().float()
+    gain = w.sum(dim=-1, keepdim=True)
+    a = (w / gain.clamp_min(1e-12)).clamp_min(1e-12)
+    stats = {'texture_gain': gain.mean(), 'texture_entropy': -(a * a.log()).sum(-1).mean()}
+    if 'fit_weight' in out:
+        stats['fitnet_weight'] = out['fit_weight'].detach().float()
+    return stats
 
 
 class MetaKD(Distiller):
@@ -302,6 +319,8 @@ class MetaKD(Distiller):
         joint = optimizer_kr if self.joint_kr_parameters() else None
         step = self.student_step(lq, gt, optimizer, teacher, extra_optimizer=joint)
         step.logs.update(info)
+        for i, term in enumerate(self.pair_losses):  # what each KRNet transferred in the student step
+            step.logs.update((f'kr{i}_{k}', v) for k, v in term.stats.items())
         step.skipped = '; '.join(s for s in (skipped, step.skipped) if s) or None
         if step.skipped is None:  # a bad batch is never the next meta batch
             self._last_batch = (lq.detach(), gt.detach())

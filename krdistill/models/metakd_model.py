@@ -16,7 +16,9 @@ Adds to the teacher/student base (teacher, distillation points, checks, checkpoi
   accepts no dataset phase other than train and val.
 
 The iteration is :meth:`krdistill.metakd.MetaKD.train_step`, the same code a plain PyTorch loop,
-the mmengine front end and the benchmark run. Logs: ``l_pix``, ``l_texture`` [, ``l_kd_out``],
+the mmengine front end and the benchmark run. Logs (also to TensorBoard / wandb when the option file turns
+them on): ``l_pix``, ``l_texture`` [, ``l_kd_out``], ``kr<i>_texture_gain``, ``kr<i>_texture_entropy``
+[, ``kr<i>_fitnet_weight``],
 ``l_meta``, ``meta_grad_norm``, ``t_meta`` (seconds spent in the meta step).
 """
 from __future__ import annotations
