@@ -13,7 +13,7 @@ The standard bicubic (BI) degradation of SR papers is MATLAB's ``imresize(gt, 1/
 between the two passes and mirrors instead of replicating edges. It is kept available as
 ``resize='basicsr'`` in :func:`prepare_folder`.
 
-Only numpy and OpenCV are needed for the resize; BasicSR is imported lazily for the
+The resize needs only numpy; image files go through :mod:`krdistill.io`. BasicSR is imported lazily for the
 ``basicsr`` resize and LMDB writing.
 """
 from __future__ import annotations
@@ -25,13 +25,12 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
-__all__ = [
-    'IMG_EXTENSIONS', 'cubic', 'contributions', 'matlab_imresize_uint8', 'basicsr_imresize_uint8',
-    'resize_uint8', 'lr_size', 'mod_crop', 'sub_image_positions', 'extract_sub_images', 'list_images',
-    'read_image', 'write_image', 'prepare_folder', 'write_lmdb'
-]
+from . import io
 
-IMG_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff', '.ppm', '.pgm', '.webp')
+__all__ = [
+    'cubic', 'contributions', 'matlab_imresize_uint8', 'basicsr_imresize_uint8', 'resize_uint8', 'lr_size',
+    'mod_crop', 'sub_image_positions', 'extract_sub_images', 'image_names', 'prepare_folder', 'write_lmdb'
+]
 
 
 # --------------------------------------------------------------------------------------------
@@ -189,30 +188,9 @@ def extract_sub_images(img: np.ndarray, crop_size: int, step: int,
 # --------------------------------------------------------------------------------------------
 # I/O and folder preparation
 # --------------------------------------------------------------------------------------------
-def list_images(folder: str) -> list[str]:
-    """Sorted image file names (not paths) directly in ``folder``."""
-    return sorted(f for f in os.listdir(folder)
-                  if f.lower().endswith(IMG_EXTENSIONS) and osp.isfile(osp.join(folder, f)))
-
-
-def read_image(path: str) -> np.ndarray:
-    """Read an image unchanged (uint8, BGR or grayscale ``H x W``) with OpenCV."""
-    import cv2
-    img = cv2.imread(path, cv2.IMREAD_UNCHANGED)
-    if img is None:
-        raise OSError(f'cannot read image {path}')
-    if img.dtype != np.uint8:
-        raise TypeError(f'{path}: only 8-bit images are supported, got {img.dtype}')
-    return img
-
-
-def write_image(path: str, img: np.ndarray, compress_level: int = 3) -> None:
-    """Write an image losslessly (PNG compression level ``compress_level``)."""
-    import cv2
-    os.makedirs(osp.dirname(path) or '.', exist_ok=True)
-    params = [cv2.IMWRITE_PNG_COMPRESSION, compress_level] if path.lower().endswith('.png') else []
-    if not cv2.imwrite(path, img, params):
-        raise OSError(f'cannot write image {path}')
+def image_names(folder: str | os.PathLike) -> list[str]:
+    """Sorted image file names (not paths) directly in ``folder`` (:func:`krdistill.io.list_images`)."""
+    return [p.name for p in io.list_images(folder)]
 
 
 def _lmdb_size_bound(path: str) -> int:
@@ -238,7 +216,7 @@ def write_lmdb(folder: str, lmdb_path: str, compress_level: int = 1) -> str:
         raise ValueError(f"lmdb path must end with '.lmdb', got {lmdb_path}")
     if osp.exists(lmdb_path):  # basicsr would sys.exit(1) here
         raise FileExistsError(f'{lmdb_path} already exists; remove it or choose another output folder')
-    names = list_images(folder)
+    names = image_names(folder)
     if not names:
         raise FileNotFoundError(f'no images in {folder}')
     keys = [osp.splitext(n)[0] for n in names]
@@ -308,7 +286,7 @@ def prepare_folder(hr_folder: str, out_folder: str, scales: Sequence[int] = (4, 
         if crop_size % mod or step % mod:
             raise ValueError(f'crop_size ({crop_size}) and step ({step}) must be multiples of every scale '
                              f'{scales} (of {mod}) so that LR crops align with GT crops')
-    names = list(names) if names is not None else list_images(hr_folder)
+    names = list(names) if names is not None else image_names(hr_folder)
     if not names:
         raise FileNotFoundError(f'no images in {hr_folder}')
     lr_names = {s: lr_template.format(scale=s) for s in scales}
@@ -318,7 +296,7 @@ def prepare_folder(hr_folder: str, out_folder: str, scales: Sequence[int] = (4, 
         for s in group_scales:
             written[lr_names[s]] = []
     for name in names:
-        hr = read_image(osp.join(hr_folder, name))
+        hr = io.read_image(osp.join(hr_folder, name), color=False)  # gray stays gray
         stem = osp.splitext(name)[0]
         for gt_folder, mod, group_scales in groups:
             img = mod_crop(hr, mod)
@@ -328,11 +306,11 @@ def prepare_folder(hr_folder: str, out_folder: str, scales: Sequence[int] = (4, 
                 subs = extract_sub_images(img, crop_size, step, thresh_size)
                 items = [(f'{stem}_s{i + 1:03d}.png', sub) for i, sub in enumerate(subs)]
             for out_name, gt in items:
-                write_image(osp.join(out_folder, gt_folder, out_name), gt, compress_level)
+                io.write_image(osp.join(out_folder, gt_folder, out_name), gt, compress_level)
                 written[gt_folder].append(out_name)
                 for s in group_scales:
                     lr = resize_uint8(gt, 1 / s, resize)
-                    write_image(osp.join(out_folder, lr_names[s], out_name), lr, compress_level)
+                    io.write_image(osp.join(out_folder, lr_names[s], out_name), lr, compress_level)
                     written[lr_names[s]].append(out_name)
             if log:
                 log(f'{name} -> {gt_folder}: {len(items)} image(s) of '

@@ -6,41 +6,25 @@ and ``tools/evaluate.py``.
 """
 from __future__ import annotations
 
+import copy
 import os
 from pathlib import Path
 from typing import Iterable, Sequence
 
-import cv2
 import numpy as np
 import torch
 from torch import nn
 
-import krdistill  # noqa: F401  (shims before basicsr)
+import krdistill  # noqa: F401  (shims and registration before basicsr)
 from basicsr.metrics import calculate_psnr, calculate_ssim
 from basicsr.utils.matlab_functions import imresize
 
-IMG_EXTS = ('.png', '.bmp', '.jpg', '.jpeg', '.tif', '.tiff')
+from .data_utils import matlab_imresize_uint8
+from .io import list_images, load_checkpoint, read_image, state_dict_from, strip_prefix
 
-
-def read_image(path: str | os.PathLike) -> np.ndarray:
-    """Read an image as uint8 BGR H x W x 3 (grayscale is replicated to 3 channels)."""
-    img = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-    if img is None:
-        raise ValueError(f'cannot read image {path} (missing or not a valid image file)')
-    if img.dtype != np.uint8:
-        raise ValueError(f'{path}: only 8-bit images are supported, got {img.dtype}')
-    if img.ndim == 2:
-        img = np.repeat(img[..., None], 3, axis=2)
-    elif img.shape[2] == 4:
-        img = img[..., :3]
-    return img
-
-
-def list_images(folder: str | os.PathLike) -> list[Path]:
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(f'no such folder: {folder}')
-    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMG_EXTS)
+__all__ = ['read_image', 'list_images', 'mod_crop', 'bicubic_downscale', 'bicubic_upscale', 'super_resolve',
+           'y_psnr_ssim', 'load_pairs', 'evaluate', 'markdown_table', 'PRESETS', 'build_network', 'load_network',
+           'find_checkpoints', 'evaluate_checkpoints', 'main']
 
 
 def mod_crop(img: np.ndarray, scale: int) -> np.ndarray:
@@ -50,12 +34,7 @@ def mod_crop(img: np.ndarray, scale: int) -> np.ndarray:
 
 
 def bicubic_downscale(hr: np.ndarray, scale: int) -> np.ndarray:
-    """MATLAB-style bicubic downscale of a uint8 image (exact MATLAB rounding when available)."""
-    try:
-        from krdistill.data_utils import matlab_imresize_uint8
-    except ImportError:  # pragma: no cover - fallback to basicsr's near-match
-        out = imresize(hr.astype(np.float64) / 255., 1 / scale)
-        return np.clip(np.round(out * 255), 0, 255).astype(np.uint8)
+    """MATLAB bicubic downscale of a uint8 image (bit-exact ``imresize(hr, 1/scale)``)."""
     return matlab_imresize_uint8(hr, 1 / scale)
 
 
@@ -132,24 +111,20 @@ PRESETS = {
 
 
 def build_network(net_opt: dict) -> nn.Module:
-    """A network from a BasicSR ``network_g``-style dict (``type`` + arguments) via ARCH_REGISTRY."""
-    import basicsr.archs  # noqa: F401  (registers the archs)
-    from basicsr.utils.registry import ARCH_REGISTRY
-    import krdistill.archs  # noqa: F401
-    opt = dict(net_opt)
-    return ARCH_REGISTRY.get(opt.pop('type'))(**opt)
+    """A network from a BasicSR ``network_g``-style dict (``type`` + arguments): BasicSR's
+    ``build_network`` (its registry and name resolution; krdistill's archs are registered).
+    ``net_opt`` is not changed."""
+    from basicsr.archs import build_network as basicsr_build_network
+    return basicsr_build_network(copy.deepcopy(dict(net_opt)))
 
 
 def load_network(net: nn.Module, path: str | os.PathLike, param_key: str | None = None) -> nn.Module:
-    """Load a checkpoint into ``net`` (strict). ``param_key``: ``params`` / ``params_ema``; default: the
-    first of those present (``params_ema`` preferred, as BasicSR's test does), else a bare state dict."""
-    sd = torch.load(str(path), map_location='cpu', weights_only=True)
-    if param_key is not None:
-        sd = sd[param_key]
-    elif isinstance(sd, dict) and ('params_ema' in sd or 'params' in sd):
-        sd = sd['params_ema'] if 'params_ema' in sd else sd['params']
-    sd = {k[7:] if k.startswith('module.') else k: v for k, v in sd.items()}
-    net.load_state_dict(sd, strict=True)
+    """Load a checkpoint into ``net`` (strict; ``weights_only=True``, :mod:`krdistill.io`).
+    ``param_key``: ``params`` / ``params_ema``; default: ``params_ema``, else ``params`` (as
+    BasicSR's test), else ``state_dict`` (mmengine), else a bare state dict. ``module.`` prefixes
+    are removed. Returns ``net`` in eval mode."""
+    state = state_dict_from(load_checkpoint(path, 'checkpoint'), param_key or 'auto', str(path), '--param-key')
+    net.load_state_dict(strip_prefix(state), strict=True)
     return net.eval()
 
 

@@ -207,11 +207,7 @@ def test_option_errors_name_the_key():
 
 
 def test_plain_loop_example_runs(capsys):
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'tools'))
-    try:
-        import plain_loop_example
-    finally:
-        sys.path.pop(0)
+    import plain_loop_example  # tools/ (tests/conftest.py)
     logs = plain_loop_example.main(['--iters', '2', '--teacher-iters', '1'])
     assert {'l_pix', 'l_texture', 'l_meta'} <= set(logs)
     assert 'iter   2' in capsys.readouterr().out

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import krdistill  # noqa: F401
-from krdistill import benchmark as bench
+from krbench import benchmark as bench  # tools/ (tests/conftest.py)
 
 EDSR = dict(type='EDSR', num_in_ch=3, num_out_ch=3, upscale=2, res_scale=1, img_range=255.,
             rgb_mean=[0.4488, 0.4371, 0.4040])

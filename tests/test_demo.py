@@ -2,7 +2,7 @@
 import json
 from pathlib import Path
 
-from krdistill import demo
+from krbench import demo  # tools/ (tests/conftest.py)
 
 OPTIONS = Path(__file__).resolve().parents[1] / 'options' / 'demo'
 

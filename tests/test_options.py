@@ -410,7 +410,7 @@ BENCH_FILES = sorted((OPTIONS / 'bench').rglob('*.yml'))
 def test_bench_protocol_files(path):
     """The benchmark's own protocol files load and every method names real losses and KRNet options."""
     from krdistill.archs.krnet_arch import KRNet
-    from krdistill.benchmark import build_net, load_config
+    from krbench.benchmark import build_net, load_config  # tools/ (tests/conftest.py)
     from krdistill.losses import kd_loss
     from krdistill.metakd import check_meta_options
     cfg = load_config(path)

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 
 import krdistill  # noqa: F401  (shims before basicsr)
-from krdistill.data_utils import (extract_sub_images, list_images, matlab_imresize_uint8, mod_crop,
-                                  prepare_folder, read_image, sub_image_positions)
+from krdistill.data_utils import (extract_sub_images, image_names, matlab_imresize_uint8, mod_crop, prepare_folder,
+                                  sub_image_positions)
+from krdistill.io import read_image
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get('KRDISTILL_SHARED_DATA', REPO.parent / 'shared' / 'data'))
@@ -84,16 +85,16 @@ def test_prepare_folder_crops_and_lr_sizes(tmp_path):
     written = prepare_folder(str(hr), str(out), scales=[2, 4])
     assert set(written) == {'GT', 'LRbicx2', 'LRbicx4'}
     for name in names:
-        src = read_image(str(hr / name))
-        gt = read_image(str(out / 'GT' / name))
+        src = read_image(hr / name, color=False)
+        gt = read_image(out / 'GT' / name, color=False)
         h, w = src.shape[:2]
         assert gt.shape[:2] == (h - h % 4, w - w % 4)  # multiple of lcm(2, 4)
         np.testing.assert_array_equal(gt, src[:gt.shape[0], :gt.shape[1]])
         for s in (2, 4):
-            lr = read_image(str(out / f'LRbicx{s}' / name))
+            lr = read_image(out / f'LRbicx{s}' / name, color=False)
             assert lr.shape == (gt.shape[0] // s, gt.shape[1] // s) + gt.shape[2:]
             np.testing.assert_array_equal(lr, matlab_imresize_uint8(gt, 1 / s))  # PNG is lossless
-    assert list_images(str(out / 'GT')) == sorted(names)
+    assert image_names(out / 'GT') == sorted(names)
 
 
 def test_prepare_folder_sub_images(tmp_path):
@@ -103,8 +104,8 @@ def test_prepare_folder_sub_images(tmp_path):
     written = prepare_folder(str(hr), str(out), scales=[4], crop_size=24, step=12)
     # 48 x 40 after mod-crop: rows [0, 12, 24], cols [0, 12, 16]
     assert written['GT'] == [f'img0_s{i:03d}.png' for i in range(1, 10)]
-    assert read_image(str(out / 'GT' / 'img0_s001.png')).shape == (24, 24, 3)
-    assert read_image(str(out / 'LRbicx4' / 'img0_s009.png')).shape == (6, 6, 3)
+    assert read_image(out / 'GT' / 'img0_s001.png', color=False).shape == (24, 24, 3)
+    assert read_image(out / 'LRbicx4' / 'img0_s009.png', color=False).shape == (6, 6, 3)
     with pytest.raises(ValueError, match='multiples'):
         prepare_folder(str(hr), str(tmp_path / 'bad'), scales=[4], crop_size=30)
 
@@ -127,8 +128,8 @@ def test_prepare_data_cli_with_lmdb_readable_by_basicsr(tmp_path):
         key = Path(name).stem
         gt = imfrombytes(client.get(key, 'gt'), float32=False)
         lq = imfrombytes(client.get(key, 'lq'), float32=False)
-        np.testing.assert_array_equal(gt, read_image(str(out / 'GT' / name)))
-        np.testing.assert_array_equal(lq, read_image(str(out / 'LRbicx2' / name)))
+        np.testing.assert_array_equal(gt, read_image(out / 'GT' / name, color=False))
+        np.testing.assert_array_equal(lq, read_image(out / 'LRbicx2' / name, color=False))
     with pytest.raises(FileExistsError):  # basicsr would sys.exit; we raise
         prepare_folder(str(hr), str(out), scales=[2], lmdb=True)
 
@@ -138,7 +139,7 @@ def test_prepare_data_cli_basicsr_resize(tmp_path):
     _write_hr(hr, [(24, 24, 3)])
     tool = _load_tool('prepare_data')
     assert tool.main(['-i', str(hr), '-o', str(tmp_path / 'o'), '-s', '3', '--resize', 'basicsr', '-q']) == 0
-    assert read_image(str(tmp_path / 'o' / 'LRbicx3' / 'img0.png')).shape == (8, 8, 3)
+    assert read_image(tmp_path / 'o' / 'LRbicx3' / 'img0.png', color=False).shape == (8, 8, 3)
 
 
 # ---------------------------------------------------------------------------- MATLAB bit-exactness
@@ -147,9 +148,9 @@ def _reference_pairs(set_name: str, scale: int):
     gt_dir, lr_dir = root / f'GTmod{scale}', root / f'LRbicx{scale}'
     if not gt_dir.is_dir() or not lr_dir.is_dir():
         pytest.skip(f'reference data {set_name} x{scale} not found (set KRDISTILL_SHARED_DATA)')
-    names = list_images(str(gt_dir))
+    names = image_names(gt_dir)
     assert names, f'{gt_dir} is empty'
-    return [(n, read_image(str(gt_dir / n)), read_image(str(lr_dir / n))) for n in names]
+    return [(n, read_image(gt_dir / n, color=False), read_image(lr_dir / n, color=False)) for n in names]
 
 
 @pytest.mark.parametrize('scale', SCALES)
@@ -190,8 +191,8 @@ def test_prepare_folder_reproduces_benchmark_layout(set_name, tmp_path):
                       '--compress-level', '1', '-q']) == 0
     for s in SCALES:
         for folder in (f'GTmod{s}', f'LRbicx{s}'):
-            names = list_images(str(root / folder))
-            assert list_images(str(out / folder)) == names
+            names = image_names(root / folder)
+            assert image_names(out / folder) == names
             for name in names:
-                np.testing.assert_array_equal(read_image(str(out / folder / name)),
-                                              read_image(str(root / folder / name)), err_msg=f'{folder}/{name}')
+                np.testing.assert_array_equal(read_image(out / folder / name, color=False),
+                                              read_image(root / folder / name, color=False), err_msg=f'{folder}/{name}')

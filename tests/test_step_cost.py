@@ -1,4 +1,4 @@
-"""krdistill.step_cost / tools/step_cost.py: a tiny run on CPU (seconds)."""
+"""tools/step_cost.py (logic: tools/krbench/step_cost.py): a tiny run on CPU (seconds)."""
 from __future__ import annotations
 
 import importlib.util
@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 import krdistill  # noqa: F401  (shims before basicsr)
-from krdistill import step_cost as sc
+from krbench import step_cost as sc  # tools/ (tests/conftest.py)
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ['--preset', 'tiny', '--batch', '2', '--gt-size', '16', '--iters', '4', '--warmup', '1', '--threads', '1',
@@ -57,19 +57,19 @@ def test_tiny_run_rows_ratios_and_json(tmp_path, capsys):
 
 
 def test_worker_protocol(tmp_path, monkeypatch, capsys):
-    """What one isolated subprocess runs (``python -m krdistill.step_cost --one ... [--serve]``), in-process."""
+    """What one isolated subprocess runs (``python -m krbench.step_cost --one ... [--serve]``), in-process."""
     cfg = sc.make_config(preset='tiny', batch=2, gt_size=16, iters=2, warmup=1, threads=1)
     spec = tmp_path / 'cfg.json'
     spec.write_text(json.dumps(dict(cfg=cfg, teacher_ckpt=None, cycle=1)))
-    assert sc._worker(['--one', 'student', '--config', str(spec), '--out', str(tmp_path / 'r.json')]) == 0
+    assert sc.worker_main(['--one', 'student', '--config', str(spec), '--out', str(tmp_path / 'r.json')]) == 0
     row = json.loads((tmp_path / 'r.json').read_text())
     assert row['method'] == 'student' and row['s_per_iter_mean'] > 0 and row['peak_abs_mb'] > 0
     # --serve: the interleaved schedule's commands, one marked JSON answer each
     monkeypatch.setattr('sys.stdin', io.StringIO('warmup\ncycle\ncycle\nfinish\n'))
     capsys.readouterr()
-    assert sc._worker(['--one', 'student', '--config', str(spec), '--out', str(tmp_path / 's.json'), '--serve']) == 0
-    answers = [json.loads(ln[len(sc._MARK):]) for ln in capsys.readouterr().out.splitlines()
-               if ln.startswith(sc._MARK)]
+    assert sc.worker_main(['--one', 'student', '--config', str(spec), '--out', str(tmp_path / 's.json'), '--serve']) == 0
+    answers = [json.loads(ln[len(sc.MARK):]) for ln in capsys.readouterr().out.splitlines()
+               if ln.startswith(sc.MARK)]
     assert [sorted(a) for a in answers] == [['built'], ['warm'], ['seconds'], ['seconds'], ['done']]
     row = json.loads((tmp_path / 's.json').read_text())
     assert len(row['iter_times']) == 2 and row['s_per_iter_best'] == min(row['iter_times'])
@@ -95,31 +95,8 @@ def test_options_for_every_method_and_checks(tmp_path):
         sc.run(['nope'], preset='tiny')
 
 
-@pytest.mark.parametrize('op', ['unfold', 'shift'])
-def test_texture_ops_match_grouped_conv_to_second_order(op):
-    """The what-if texture ops (--texture-op unfold / shift) give KRNet's grouped convolution's
-    values and first- and second-order gradients."""
-    import torch
-    from torch.nn import functional as F
-    torch.manual_seed(0)
-    g, n, k = 6, 3, 3
-    x = torch.randn(1, g, 7, 8, dtype=torch.float64, requires_grad=True)
-    phi = torch.randn(g * n, 1, k, k, dtype=torch.float64, requires_grad=True)
-    probe = torch.randn(1, g, 7, 8, dtype=torch.float64)
-    res = []
-    for conv in (F.conv2d, sc._TEXTURE_OPS[op]):
-        y = conv(x, phi, groups=g)
-        gx, = torch.autograd.grad(y.pow(2).sum(), x, create_graph=True)
-        gphi, = torch.autograd.grad((gx * probe).sum(), phi)  # through the first-order graph
-        res.append((y.detach(), gx.detach(), gphi))
-    for a, b in zip(*res):
-        assert torch.allclose(a, b, atol=1e-10)
-    w = torch.randn(4, 6, 3, 3, dtype=torch.float64)  # any other call is plain conv2d
-    assert torch.equal(sc._TEXTURE_OPS[op](x.detach(), w, padding=1), F.conv2d(x.detach(), w, padding=1))
-
-
 def test_kr_overrides(tmp_path):
-    assert sc._parse_kr(['width=32', 'hidden=16', 'use_correlation=false']) == dict(
+    assert sc.parse_kr(['width=32', 'hidden=16', 'use_correlation=false']) == dict(
         width=32, hidden=16, use_correlation=False)
     cfg = sc.make_config(kr=dict(width=32, num_kernels=4))
     kr = sc.build_options('metakd_exact_every1', cfg, 't', str(tmp_path))['network_kr']

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""MetaKD vs hand-crafted KD benchmark, one command, resumable (logic: :mod:`krdistill.benchmark`).
+"""MetaKD vs hand-crafted KD benchmark, one command, resumable (logic: ``tools/krbench/benchmark.py``).
 
 Example (the CPU protocol of BENCHMARKS.md; ~90 min on a 2-core machine)::
 
@@ -9,14 +9,13 @@ Example (the CPU protocol of BENCHMARKS.md; ~90 min on a 2-core machine)::
 A second call with the same ``--out`` reuses the patch pool, the teacher cache, the plan and
 every finished run.
 """
-from __future__ import annotations
-
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [HERE, os.path.dirname(HERE)]  # tools/ (the krbench package) and the checkout (krdistill)
 
-from krdistill.benchmark import main  # noqa: E402  (imports krdistill first: shims before basicsr)
+from krbench.benchmark import main  # noqa: E402
 
 if __name__ == '__main__':
     main()

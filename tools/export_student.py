@@ -7,7 +7,8 @@ or ``--iter``). Output: a file holding only ``params`` (and ``params_ema`` when 
 ``module.`` prefixes removed, tensors on CPU. It loads in vanilla BasicSR ``SRModel`` with
 ``path.pretrain_network_g`` (``param_key_g: params`` or ``params_ema``).
 
-KRNet / regressor files (``net_kr_*``, ``net_kd_*``) and training states are refused.
+KRNet / regressor files (``net_kr_*``, ``net_kd_*``) and training states are refused. Files are read
+with ``torch.load(..., weights_only=True)`` (:func:`krdistill.io.load_checkpoint`): never code.
 ``--opt`` builds ``network_g`` of an option YAML and loads the export strictly to verify it.
 
 Examples::
@@ -29,6 +30,7 @@ from copy import deepcopy
 import torch
 
 import krdistill  # noqa: F401  (shims before basicsr)
+from krdistill.io import load_checkpoint, strip_prefix
 
 STUDENT_KEYS = ('params', 'params_ema')
 _NET_G_ITER = re.compile(r'^net_g_(\d+)\.pth$')
@@ -65,11 +67,11 @@ def find_checkpoint(path: str, iteration: int | str | None = None) -> str:
     return osp.join(folder, iters[-1][1])
 
 
-def _strip_module(state: dict) -> OrderedDict:
+def student_state(state: dict) -> OrderedDict:
+    """``state`` without ``module.`` prefixes (:func:`krdistill.io.strip_prefix`), as contiguous CPU
+    tensors; anything that is not a tensor is refused."""
     out = OrderedDict()
-    for k, v in state.items():
-        while k.startswith('module.'):
-            k = k[len('module.'):]
+    for k, v in strip_prefix(state).items():
         if not torch.is_tensor(v):
             raise ExportError(f'entry {k!r} is a {type(v).__name__}, not a tensor: not a network state dict')
         out[k] = v.detach().to('cpu').contiguous().clone()
@@ -102,25 +104,16 @@ def extract_student(ckpt, param_key: str = 'all', source: str = 'checkpoint') ->
         raise ExportError(f'{source}: holds no student params (keys {sorted(map(str, ckpt))[:8]}; expected '
                           f'"params" or "params_ema").{hint}')
     if param_key == 'all':
-        return {k: _strip_module(ckpt[k]) for k in present}
+        return {k: student_state(ckpt[k]) for k in present}
     if param_key not in STUDENT_KEYS:
         raise ExportError(f'--param-key must be one of all, {", ".join(STUDENT_KEYS)}; got {param_key!r}')
     if param_key not in present:
         raise ExportError(f'{source}: has no {param_key!r} (it has {present})')
-    return {'params': _strip_module(ckpt[param_key])}
-
-
-def load_checkpoint(path: str, weights_only: bool = True):
-    """``torch.load`` on CPU (``weights_only`` by default; BasicSR net files need nothing else)."""
-    try:
-        return torch.load(path, map_location='cpu', weights_only=weights_only)
-    except Exception as err:  # noqa: BLE001  (report what and how to proceed)
-        raise ExportError(f'{path}: cannot load as a weights-only checkpoint ({err}). If you trust the '
-                          'file, retry with --unsafe-load.') from err
+    return {'params': student_state(ckpt[param_key])}
 
 
 def export_student(src: str, dst: str, param_key: str = 'all', iteration: int | str | None = None,
-                   allow_any_name: bool = False, weights_only: bool = True) -> dict[str, OrderedDict]:
+                   allow_any_name: bool = False) -> dict[str, OrderedDict]:
     """Write the student of ``src`` (checkpoint or run folder) to ``dst``; return what was written."""
     path = find_checkpoint(src, iteration)
     name = osp.basename(path)
@@ -131,7 +124,11 @@ def export_student(src: str, dst: str, param_key: str = 'all', iteration: int | 
                           'Use --allow-any-name if it really holds a student.')
     if name.endswith('.state'):
         raise ExportError(f'{path}: a training state, not a network; export models/net_g_<iter>.pth')
-    out = extract_student(load_checkpoint(path, weights_only), param_key, source=path)
+    try:  # weights_only=True: a file passed here never runs code
+        ckpt = load_checkpoint(path, 'input')
+    except RuntimeError as err:
+        raise ExportError(str(err)) from err
+    out = extract_student(ckpt, param_key, source=path)
     if osp.abspath(dst) == osp.abspath(path):
         raise ExportError('output path equals the input checkpoint; choose another --output')
     os.makedirs(osp.dirname(osp.abspath(dst)), exist_ok=True)
@@ -176,8 +173,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument('--iter', default=None, help='iteration to take from a run folder (default: latest)')
     p.add_argument('-opt', '--opt', default=None, help='option YAML: verify strict load into its network_g')
     p.add_argument('--allow-any-name', action='store_true', help='do not refuse net_<x>_ files other than net_g_')
-    p.add_argument('--unsafe-load', action='store_true',
-                   help='torch.load with weights_only=False (only for files you trust)')
     return p.parse_args(argv)
 
 
@@ -186,8 +181,7 @@ def main(argv=None) -> int:
     try:
         src = find_checkpoint(args.input, args.iter)
         dst = args.output or osp.splitext(src)[0] + '_student.pth'
-        states = export_student(src, dst, args.param_key, allow_any_name=args.allow_any_name,
-                                weights_only=not args.unsafe_load)
+        states = export_student(src, dst, args.param_key, allow_any_name=args.allow_any_name)
         print(f'Exported {", ".join(f"{k} ({len(v)} tensors)" for k, v in states.items())} of {src} -> {dst}')
         if args.opt:
             n = verify(states, load_network_opt(args.opt))

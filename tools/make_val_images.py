@@ -15,8 +15,8 @@ import os
 import sys
 from pathlib import Path
 
-if __package__ in (None, ''):  # run as a file: import the package from the repo root
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if __name__ == '__main__':  # run as a file: tools/ (krbench) is sys.path[0]; add the checkout (krdistill)
+    sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 VAL_IMAGES = ('astronaut', 'chelsea', 'coffee', 'rocket', 'camera', 'immunohistochemistry', 'brick', 'grass')
 
@@ -26,16 +26,16 @@ def main(argv=None) -> list[Path]:
     p.add_argument('out', help='output folder (created)')
     p.add_argument('--scale', type=int, default=4, help='crop to a multiple of this (default 4)')
     a = p.parse_args(argv)
-    import cv2
-    from krdistill.demo import _skimage
+    from krbench.demo import skimage_image
     from krdistill.evaluation import mod_crop
+    from krdistill.io import write_image
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for name in VAL_IMAGES:
-        img = mod_crop(_skimage(name), a.scale)
+        img = mod_crop(skimage_image(name), a.scale)
         path = out / f'{name}.png'
-        cv2.imwrite(str(path), img)
+        write_image(path, img)
         written.append(path)
         print(f'{path}  {img.shape[1]}x{img.shape[0]}')
     return written

@@ -17,10 +17,12 @@ reused from the run folder):
 5. evaluate (Y-PSNR/SSIM, border = scale, reference LR) and write ``results.md``,
    ``results.json``, ``curves.png`` and ``visual.png``.
 
-The training code uses the same framework-free classes as the BasicSR models
-(:class:`~krdistill.distiller.Distiller`, :class:`~krdistill.metakd.MetaDistiller`, the KD
-loss modules, :class:`~krdistill.archs.krnet_arch.KRNet`), with the teacher's precomputed
-``out_t``/``feats_t`` passed in. Config schema: ``options/bench/cpu_x4.yml``.
+Every method is the shipped algorithm: :func:`method_options` maps a protocol method block onto
+the option blocks of :func:`krdistill.build.build_distiller` / :func:`~krdistill.build.build_metakd`
+(the builders BasicSR's models use), and each iteration is their ``train_step`` with the
+teacher's cached ``(out_t, feats_t)`` passed as ``teacher=``. So the meta batch is MetaKD's own
+rule (the previous training batch whose step was taken) and a non-finite step is not taken (it
+is counted in ``result.json``). Config schema: ``options/bench/cpu_x4.yml``.
 """
 from __future__ import annotations
 
@@ -34,6 +36,7 @@ import sys
 import time
 import warnings
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from functools import wraps
 from pathlib import Path
 
 import numpy as np
@@ -41,11 +44,15 @@ import torch
 import yaml
 from torch import nn
 
-import krdistill  # noqa: F401  (shims before basicsr)
+import krdistill  # noqa: F401  (shims and registration before basicsr)
 from krdistill import evaluation as ev
-from krdistill.memprobe import reset_peak_rss, status_kib
+from krdistill.build import build_distiller, build_metakd, build_optimizer, probe_pairs
+from krdistill.io import list_images, read_image
 
-__all__ = ['load_config', 'run', 'main', 'METHOD_LABELS']
+from .memprobe import reset_peak_rss, status_kib
+
+__all__ = ['load_config', 'build_net', 'method_options', 'build_method', 'run_job', 'run', 'main', 'RowFile',
+           'batch_order', 'to_float', 'make_plan', 'METHOD_LABELS', 'PIXEL_OPT']
 
 METHOD_LABELS = {
     'bicubic': 'bicubic', 'teacher': 'teacher', 'student_alone': 'student alone', 'output_kd': 'output KD',
@@ -66,6 +73,8 @@ def load_config(path) -> dict:
     for key in ('scale', 'data', 'pool', 'student', 'train', 'methods'):
         if key not in cfg:
             raise KeyError(f'{path}: missing top-level key {key!r}')
+    for name, mcfg in cfg['methods'].items():
+        method_options(mcfg, f'{path}: methods.{name}')  # the schema, checked before any work
     return cfg
 
 
@@ -82,7 +91,7 @@ def _train_images(cfg: dict, data_root: Path) -> list[Path]:
     exclude = {str(Path(e)) for e in cfg['data'].get('exclude', [])}
     paths = []
     for folder in cfg['data']['train_hr']:
-        for p in ev.list_images(data_root / folder):
+        for p in list_images(data_root / folder):
             if str(p.relative_to(data_root)) not in exclude:
                 paths.append(p)
     return paths
@@ -131,7 +140,7 @@ def build_pool(cfg: dict, data_root: Path, cache: Path) -> Path:
     log(f'pool: {len(paths)} training images, making LR (MATLAB bicubic x{scale}) ...')
     hrs, lrs = [], []
     for p in paths:
-        hr = ev.mod_crop(ev.read_image(p), scale)[:, :, ::-1]  # RGB
+        hr = ev.mod_crop(read_image(p), scale)[:, :, ::-1]  # RGB
         hrs.append(np.ascontiguousarray(hr))
         lrs.append(ev.bicubic_downscale(np.ascontiguousarray(hr), scale))
     g = pc['gt_size']
@@ -174,7 +183,8 @@ def _dihedral(img: np.ndarray, t: int) -> np.ndarray:
     return np.ascontiguousarray(img)
 
 
-def _to_float(x: np.ndarray, device='cpu') -> torch.Tensor:
+def to_float(x: np.ndarray, device='cpu') -> torch.Tensor:
+    """uint8 rows (N x 3 x H x W) as float in [0, 1] on ``device``."""
     return torch.from_numpy(x).to(device).float().div_(255.)
 
 
@@ -199,11 +209,11 @@ def get_teacher(cfg: dict, pool: Path, out: Path, teacher_ckpt: str | None, thre
     opt = torch.optim.Adam(net.parameters(), lr=float(tr['lr']), betas=tuple(cfg['train']['betas']))
     sched = _lr_schedule(opt, tr['iters'], float(tr.get('eta_min', 0)))
     hr_f, lr_f = RowFile(pool / 'pool_hr.bin'), RowFile(pool / 'pool_lr.bin')
-    order = _order(len(hr_f), tr['iters'] + 1, cfg['train']['batch'], tr.get('seed', 0))
+    order = batch_order(len(hr_f), tr['iters'] + 1, cfg['train']['batch'], tr.get('seed', 0))
     t0 = time.time()
     for it in range(1, tr['iters'] + 1):
         idx = order[it - 1]
-        lq, gt = _to_float(lr_f.take(idx), device), _to_float(hr_f.take(idx), device)
+        lq, gt = to_float(lr_f.take(idx), device), to_float(hr_f.take(idx), device)
         loss = nn.functional.l1_loss(net(lq), gt)
         opt.zero_grad()
         loss.backward()
@@ -239,7 +249,7 @@ def precompute_teacher(cfg: dict, pool: Path, ckpt: Path, layers: list[str], cac
         for s in range(0, n, bs):
             idx = np.arange(s, min(n, s + bs))
             with rec:
-                out = net(_to_float(lr_f.take(idx), device))
+                out = net(to_float(lr_f.take(idx), device))
             feats = rec.features()
             if files is None:
                 shapes = [(n, ) + tuple(out.shape[1:])] + [(n, ) + tuple(f.shape[1:]) for f in feats]
@@ -263,7 +273,7 @@ def precompute_teacher(cfg: dict, pool: Path, ckpt: Path, layers: list[str], cac
 
 
 # ============================================================================================ one job
-def _order(n: int, batches: int, batch: int, seed: int) -> np.ndarray:
+def batch_order(n: int, batches: int, batch: int, seed: int) -> np.ndarray:
     """The per-seed batch order (the same for every method): concatenated permutations."""
     rng = np.random.default_rng(10_000 + seed)
     need = batches * batch
@@ -278,41 +288,92 @@ def _psnr_y_only(net, pairs, scale, device='cpu') -> float:
     return float(np.mean(vals))
 
 
-def _make_method(spec: dict, teacher, student):
-    """Distiller / MetaDistiller for a method spec (None for the student alone) and KRNet optimizer."""
-    from krdistill.distiller import Distiller
-    from krdistill.losses import kd_loss
-    m = spec['method_cfg']
+#: the student's reconstruction loss in every method (and MetaKD's meta objective)
+PIXEL_OPT = {'type': 'L1Loss', 'loss_weight': 1.0}
+_METHOD_KEYS = ('output_kd', 'pair', 'metakd')
+_METAKD_KEYS = ('krnet', 'texture_weight', 'texture', 'optim_kr', 'meta')
+
+
+def method_options(mcfg: dict, key: str = 'methods.<name>') -> dict:
+    """The :mod:`krdistill.build` option blocks of a protocol method block.
+
+    ``{}`` -> the student alone (``pixel_opt`` only); ``output_kd: w`` -> ``output_kd_opt``
+    (``OutputKDLoss``, weight ``w``); ``pair: {type, ...}`` -> ``kd_opt`` (one loss per point);
+    ``metakd: {krnet, texture_weight, texture, optim_kr, meta}`` -> ``network_kr`` (``KRNet``),
+    ``texture_opt`` (``TextureWiseLoss``), ``optim_kr`` (Adam) and ``meta``. Errors name ``key``.
+    """
+    mcfg = mcfg or {}
+    unknown = sorted(set(mcfg) - set(_METHOD_KEYS))
+    if unknown:
+        raise KeyError(f'{key}: unknown key(s) {unknown}; allowed: {list(_METHOD_KEYS)}')
+    if 'pair' in mcfg and 'metakd' in mcfg:
+        raise ValueError(f'{key}: pair (a hand-crafted feature loss) and metakd cannot be combined')
+    out = {'pixel_opt': dict(PIXEL_OPT)}
+    if mcfg.get('output_kd'):
+        out['output_kd_opt'] = {'type': 'OutputKDLoss', 'loss_weight': float(mcfg['output_kd'])}
+    if 'pair' in mcfg:
+        out['kd_opt'] = dict(mcfg['pair'])
+    if 'metakd' in mcfg:
+        mk = mcfg['metakd'] or {}
+        unknown = sorted(set(mk) - set(_METAKD_KEYS))
+        if unknown:
+            raise KeyError(f'{key}.metakd: unknown key(s) {unknown}; allowed: {list(_METAKD_KEYS)}')
+        oc = mk.get('optim_kr') or {}
+        out.update(network_kr={'type': 'KRNet', **(mk.get('krnet') or {})},
+                   texture_opt={'type': 'TextureWiseLoss', 'loss_weight': float(mk.get('texture_weight', 1.0)),
+                                **(mk.get('texture') or {})},  # criterion, eps
+                   meta=dict(mk.get('meta') or {}),
+                   optim_kr={'type': 'Adam', 'lr': float(oc.get('lr', 1e-4)),
+                             'betas': list(oc.get('betas', (0.9, 0.999)))})
+    return out
+
+
+def build_method(spec: dict, teacher: nn.Module, student: nn.Module):
+    """The method of ``spec`` built by the shipped builders: ``(algorithm, optimizer_kr)``.
+
+    ``algorithm`` is a :class:`~krdistill.distiller.Distiller` (the student alone: no teacher, the
+    pixel loss only; the hand-crafted methods) or a :class:`~krdistill.metakd.MetaKD`;
+    ``optimizer_kr`` is the KRNets' optimizer (None for the other methods).
+    """
+    opts = method_options(spec['method_cfg'], f'methods.{spec["method"]}')
     tl, sl = spec['teacher_layers'], spec['student_layers']
-    out_w = m.get('output_kd')
-    out_loss = kd_loss.OutputKDLoss(loss_weight=float(out_w)) if out_w else None
-    if 'pair' in m:
-        pc = dict(m['pair'])
-        typ = pc.pop('type')
-        losses = []
-        for c_s, c_t in zip(spec['s_channels'], spec['t_channels']):
-            if typ == 'FitNetLoss':
-                losses.append(kd_loss.FitNetLoss(c_s, c_t, **pc))
-            else:
-                losses.append(getattr(kd_loss, typ)(**pc))
-        return Distiller(teacher, student, tl, sl, pair_losses=losses, output_loss=out_loss), None
-    if 'metakd' in m:
-        from krdistill.archs.krnet_arch import KRNet
-        from krdistill.losses.texture_loss import TextureWiseLoss
-        from krdistill.metakd import MetaDistiller
-        mk = m['metakd']
-        krnets = [KRNet(c_s, c_t, **mk.get('krnet', {})) for c_s, c_t in zip(spec['s_channels'], spec['t_channels'])]
-        mkd = MetaDistiller(teacher, student, tl, sl, krnets,
-                            texture_loss=TextureWiseLoss(loss_weight=float(mk.get('texture_weight', 1.0)),
-                                                         **mk.get('texture', {})),  # criterion, eps
-                            output_loss=out_loss, meta=mk.get('meta', {}))
-        oc = mk.get('optim_kr', {})
-        opt_kr = torch.optim.Adam(mkd.kr_parameters(), lr=float(oc.get('lr', 1e-4)),
-                                  betas=tuple(oc.get('betas', (0.9, 0.999))))
-        return mkd, opt_kr
-    if out_loss is not None:
-        return Distiller(teacher, student, [], [], output_loss=out_loss), None
-    return None, None
+    shapes = spec.get('shapes')
+    if 'network_kr' in opts:
+        optim_kr = opts.pop('optim_kr')
+        mkd = build_metakd(teacher, student, tl, sl, shapes=shapes, keys=_keys(spec['method']), **opts)
+        return mkd, optim_kr
+    needs_teacher = 'kd_opt' in opts or 'output_kd_opt' in opts
+    return build_distiller(teacher if needs_teacher else None, student, tl, sl, shapes=shapes,
+                           keys=_keys(spec['method']), **opts), None
+
+
+def _keys(method: str) -> dict:
+    """Option names in the builders' error messages: the protocol file's keys."""
+    m = f'methods.{method}'
+    return dict(teacher_layers='kd.teacher_layers', student_layers='kd.student_layers', kd_opt=f'{m}.pair',
+                output_kd_opt=f'{m}.output_kd', pixel_opt='pixel_opt', network_kr=f'{m}.metakd.krnet',
+                texture_opt=f'{m}.metakd.texture', meta=f'{m}.metakd.meta')
+
+
+def _timed(fn, sync, acc: list):
+    """``fn`` with its (device-synchronised) seconds appended to ``acc``."""
+    @wraps(fn)
+    def timed(*args, **kwargs):
+        sync()
+        t0 = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            sync()
+            acc.append(time.perf_counter() - t0)
+    return timed
+
+
+def _measure_it(i: int, total: int, n_meta: int, every: int) -> int:
+    """The iteration number passed to ``train_step`` while measuring: the meta schedule reads only
+    it, so the last ``n_meta`` of ``total`` iterations are meta iterations (multiples of
+    ``every``) and the others not (with ``every == 1`` every iteration is one)."""
+    return every * i if i > total - n_meta or every == 1 else every * i + 1
 
 
 @torch.no_grad()
@@ -340,8 +401,10 @@ def _kr_stats(mkd, lq, feats_t) -> dict:
 def run_job(spec: dict) -> dict:
     """Train one student for one (method, seed) and evaluate it; writes ``result.json``.
 
-    Runs in a worker process (or in-process when ``workers == 0``). ``spec['measure']``: only
-    time a few iterations (plain step and meta step separately) and return the timings.
+    Runs in a worker process (or in-process when ``workers == 0``). The method is built by
+    :func:`build_method` and every iteration is its ``train_step`` on the cached teacher outputs.
+    ``spec['measure']``: only time a few iterations (the student step and the meta step apart)
+    and return the timings.
     """
     torch.set_num_threads(spec['threads'])
     run_dir = Path(spec['run_dir'])
@@ -353,45 +416,45 @@ def run_job(spec: dict) -> dict:
     iters, batch, seed = spec['iters'], spec['batch'], spec['seed']
     pool, tcache = Path(spec['pool']), Path(spec['teacher_cache'])
     hr_f, lr_f = RowFile(pool / 'pool_hr.bin'), RowFile(pool / 'pool_lr.bin')
-    m = spec['method_cfg']
-    needs_out = bool(m.get('output_kd'))
-    uses_feats = 'pair' in m or 'metakd' in m
-    out_f = RowFile(tcache / 'out_t.bin') if needs_out else None
+    opts = method_options(spec['method_cfg'], f'methods.{spec["method"]}')
+    uses_feats = 'kd_opt' in opts or 'network_kr' in opts
+    out_f = RowFile(tcache / 'out_t.bin') if 'output_kd_opt' in opts else None
     feat_f = [RowFile(tcache / f'feat_{n}.bin') for n in spec['teacher_layers']] if uses_feats else []
-    if not uses_feats:
-        spec = dict(spec, teacher_layers=[], student_layers=[])
 
     device = torch.device(spec.get('device') or 'cpu')
     sync = torch.cuda.synchronize if device.type == 'cuda' else (lambda: None)
     torch.manual_seed(seed)
     student = build_net(spec['student_network'])  # same init for every method of a seed (made on the CPU)
     teacher = build_net(spec['teacher_network'])   # hooks only: outputs/features come from the cache
-    torch.manual_seed(seed + 7919)
-    dist, opt_kr = _make_method(spec, teacher, student)
+    torch.manual_seed(seed + 7919)                 # KRNets / regressors: the same init for every seed's method
+    algo, optim_kr = build_method(spec, teacher, student)
     student.to(device)
-    if dist is not None:
-        dist.to(device)  # parameters move in place: the KRNet optimizer keeps them
-    params = list(student.parameters())
-    extra = [p for p in dist.pair_losses.parameters()] if dist is not None and opt_kr is None else []
-    groups = [dict(params=params)] + ([dict(params=extra)] if extra else [])
-    opt = torch.optim.Adam(groups, lr=float(spec['lr']), betas=tuple(spec['betas']))
+    algo.to(device)
+    is_meta = optim_kr is not None
+    kd_params = algo.kd_parameters()  # FitNet regressors: stepped with the student (MetaKD: none)
+    opt = build_optimizer({'type': 'Adam', 'lr': float(spec['lr']), 'betas': list(spec['betas'])},
+                          [dict(params=list(student.parameters()))] + ([dict(params=kd_params)] if kd_params else []),
+                          key='train')
     sched = _lr_schedule(opt, iters)
+    opt_kr = build_optimizer(optim_kr, algo.kr_parameters(), key=f'methods.{spec["method"]}.metakd.optim_kr') \
+        if is_meta else None
     sched_kr = _lr_schedule(opt_kr, iters) if opt_kr is not None else None
-    is_meta = hasattr(dist, 'meta_step')
-    joint_kr = bool(dist.joint_kr_parameters()) if is_meta else False  # KRNet params stepped on L_S
-    order = _order(len(hr_f), iters + 1, batch, seed)
+    every = algo.meta['every'] if is_meta else 1
+    meta_times: list[float] = []
+    if is_meta:  # the meta step's time, synchronised (instrumentation only: the algorithm is unchanged)
+        algo.meta_grad = _timed(algo.meta_grad, sync, meta_times)
+    order = batch_order(len(hr_f), iters, batch, seed)
 
     def get(it):
         idx = order[it - 1]
-        lq, gt = _to_float(lr_f.take(idx), device), _to_float(hr_f.take(idx), device)
-        # a placeholder when no output term uses it: None would make the distiller run the teacher
-        out_t = torch.from_numpy(out_f.take(idx)).to(device).float() if out_f is not None else torch.empty(0)
+        lq, gt = to_float(lr_f.take(idx), device), to_float(hr_f.take(idx), device)
+        out_t = torch.from_numpy(out_f.take(idx)).to(device).float() if out_f is not None else None
         feats_t = [torch.from_numpy(f.take(idx)).to(device).float() for f in feat_f]
-        return lq, gt, out_t, feats_t
+        return lq, gt, (out_t, feats_t)
 
     val_pairs = [] if measure else ev.load_pairs(spec['val']['hr'], spec['scale'], spec['val'].get('lr'))
-    curve, stats, meta_log = [], [], []
-    t_train = t_meta = 0.0
+    curve, stats, meta_log, skipped = [], [], [], []
+    t_train = 0.0
     n_meta = 0
     reset_peak_rss()
     rss0 = (status_kib('VmRSS') or 0)
@@ -400,71 +463,57 @@ def run_job(spec: dict) -> dict:
     step_times = []
     for it in range(1, total + 1):
         t0 = time.perf_counter()
-        lq, gt, out_t, feats_t = get(it)
-        if is_meta and (dist.is_meta_iter(it) or (measure and it > measure['iters'] - measure['meta'])):
-            tm = time.perf_counter()
-            lq_m, gt_m, _, _ = get(it + 1)
-            opt_kr.zero_grad(set_to_none=True)
-            info = dist.meta_step(lq, gt, lq_m, gt_m, out_t, feats_t, student_optimizer=opt)
-            opt_kr.step()
-            sync()
-            dt = time.perf_counter() - tm
-            t_meta += dt
-            n_meta += 1
-            if n_meta % 10 == 1:
-                meta_log.append(dict(it=it, l_meta=float(info['l_meta']), grad_norm=float(info['meta_grad_norm'])))
+        lq, gt, teacher_out = get(it)
+        n_timed = len(meta_times)
         ts = time.perf_counter()
-        opt.zero_grad(set_to_none=True)
-        if joint_kr:
-            opt_kr.zero_grad(set_to_none=True)
-        if dist is None:
-            sr = student(lq)
-            terms = {'l_pix': nn.functional.l1_loss(sr, gt)}
-            loss = terms['l_pix']
-        elif is_meta:
-            loss, terms, sr = dist.objective(lq, gt, out_t, feats_t)
-        else:
-            sr, feats_s = dist.student_forward(lq)
-            terms = {'l_pix': nn.functional.l1_loss(sr, gt)}
-            terms.update(dist.kd_terms(sr, feats_s, out_t, feats_t))
-            loss = torch.stack(list(terms.values())).sum()
         if is_meta:
-            dist.backward(loss)
+            sched_it = _measure_it(it, total, measure['meta'], every) if measure else it
+            step = algo.train_step(lq, gt, opt, opt_kr, teacher=teacher_out, it=sched_it)
         else:
-            loss.backward()
-        opt.step()
-        if joint_kr:
-            opt_kr.step()
+            step = algo.train_step(lq, gt, opt, teacher=teacher_out, it=it)
         sched.step()
         if sched_kr is not None:
             with warnings.catch_warnings():  # frozen / non-meta iterations: the schedule still advances
                 warnings.simplefilter('ignore', UserWarning)
                 sched_kr.step()
         sync()
-        step_times.append(time.perf_counter() - ts)
-        t_train += time.perf_counter() - t0
+        t_end = time.perf_counter()
+        step_times.append(t_end - ts - sum(meta_times[n_timed:]))  # the student step and the schedulers
+        t_train += t_end - t0
+        logs = step.logs
+        if 'l_meta' in logs:
+            n_meta += 1
+            if n_meta % 10 == 1:
+                meta_log.append(dict(it=it, l_meta=float(logs['l_meta']), grad_norm=float(logs['meta_grad_norm'])))
+        if step.skipped is not None:
+            skipped.append(dict(it=it, why=step.skipped))
+            if len(skipped) <= 5:
+                log(f'  [{spec["name"]}] it {it}: step not taken: {step.skipped}')
         if measure:
             continue
         if it % spec['log_every'] == 0 or it == iters:
-            row = dict(it=it, **{k: float(v.detach()) for k, v in terms.items()})
+            row = dict(it=it, **{k: float(v) for k, v in logs.items() if k != 't_meta'})
             if is_meta:
-                row.update(_kr_stats(dist, lq, feats_t))
+                row.update(_kr_stats(algo, lq, teacher_out[1]))
             stats.append(row)
         if it % spec['val_every'] == 0 or it == iters:
             curve.append(dict(it=it, psnr=_psnr_y_only(student, val_pairs, spec['scale'], device)))
             el = time.time() - t_start
-            log(f'  [{spec["name"]}] it {it}/{iters} loss {float(loss.detach()):.4f} val {curve[-1]["psnr"]:.3f} dB '
-                f'{t_train / it:.3f} s/it, job ETA {el / it * (iters - it) / 60:.1f} min')
+            log(f'  [{spec["name"]}] it {it}/{iters} loss {float(logs["l_total"]):.4f} val {curve[-1]["psnr"]:.3f} '
+                f'dB {t_train / it:.3f} s/it, job ETA {el / it * (iters - it) / 60:.1f} min')
     peak = (status_kib('VmHWM') or 0)
+    t_meta = sum(meta_times)
     if measure:
         w = measure.get('warmup', 1)
         plain = float(np.median(step_times[w:])) if len(step_times) > w else float(np.mean(step_times))
         return dict(name=spec['name'], t_step=plain + (t_train - sum(step_times) - t_meta) / total,
-                    t_meta=(t_meta / n_meta) if n_meta else 0.0, peak_mib=peak / 1024)
+                    t_meta=(t_meta / len(meta_times)) if meta_times else 0.0, peak_mib=peak / 1024,
+                    skipped_steps=len(skipped))
     torch.save({'params': {k: v.cpu() for k, v in student.state_dict().items()}}, run_dir / 'student.pth')
     res = dict(name=spec['name'], method=spec['method'], seed=seed, iters=iters, network=spec['student_network'],
                params=sum(p.numel() for p in student.parameters()), s_per_iter=t_train / iters,
-               meta_steps=n_meta, s_per_meta_step=(t_meta / n_meta) if n_meta else None,
+               meta_steps=n_meta, s_per_meta_step=(t_meta / len(meta_times)) if meta_times else None,
+               skipped_steps=len(skipped), skipped=skipped[:20],
                peak_rss_mib=peak / 1024, rss_start_mib=rss0 / 1024, curve=curve, stats=stats, meta_log=meta_log,
                device=str(device), tests={})
     if device.type == 'cuda':
@@ -553,13 +602,15 @@ def _ablation_cfg(cfg: dict, vc: dict) -> dict:
 
 
 # ============================================================================================ driver
-def _layers_info(cfg: dict) -> dict:
-    from krdistill.distiller import probe
+def _shapes(cfg: dict) -> dict:
+    """Feature shapes of the distillation points (one dummy forward of each network; module names
+    and scales checked): what the builders read the channels of the KRNets / regressors from."""
     kd = cfg['kd']
-    x = torch.rand(1, 3, 8, 8)
-    _, fs = probe(build_net(cfg['student']['network']), kd['student_layers'], x, 'kd.student_layers')
-    _, ft = probe(build_net(cfg['teacher']['network']), kd['teacher_layers'], x, 'kd.teacher_layers')
-    return dict(s_channels=[s[1] for s in fs], t_channels=[t[1] for t in ft])
+    shapes = probe_pairs(build_net(cfg['teacher']['network']), build_net(cfg['student']['network']),
+                         kd['teacher_layers'], kd['student_layers'],
+                         keys=dict(teacher_layers='kd.teacher_layers', student_layers='kd.student_layers'))
+    return dict(teacher=[list(t) for t in shapes['teacher']], student=[list(t) for t in shapes['student']],
+                scale=shapes['scale'])
 
 
 def _exec(specs: list[dict], workers: int, on_done=None) -> list[dict]:
@@ -627,13 +678,13 @@ def run(config: str | dict, data_root, out, teacher_ckpt: str | None = None, wor
     tpath = get_teacher(cfg, pool, out, teacher_ckpt, main_threads, device)
     layers = list(cfg['kd']['teacher_layers'])
     tcache = precompute_teacher(cfg, pool, tpath, layers, cache, main_threads, device)
-    info = _layers_info(cfg)
+    shapes = _shapes(cfg)
 
     def spec(name, method, mcfg, seed, n_iters, measure=None):
         return dict(name=name, method=method, method_cfg=mcfg, seed=seed, iters=n_iters, batch=cfg['train']['batch'],
                     lr=cfg['train']['lr'], betas=cfg['train']['betas'], threads=threads, scale=scale,
                     pool=str(pool), teacher_cache=str(tcache), teacher_layers=layers,
-                    student_layers=list(cfg['kd']['student_layers']), **info,
+                    student_layers=list(cfg['kd']['student_layers']), shapes=shapes,
                     student_network=cfg['student']['network'], teacher_network=cfg['teacher']['network'],
                     tests=tests, val=val, val_every=cfg['train']['val_every'],
                     log_every=cfg['train'].get('log_every', 100), device=device,

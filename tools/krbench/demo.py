@@ -16,16 +16,17 @@ import os
 import time
 from pathlib import Path
 
-import cv2
 import numpy as np
 import torch
 import yaml
 
-import krdistill  # noqa: F401
+import krdistill  # noqa: F401  (shims and registration before basicsr)
 from basicsr.archs import build_network
 from basicsr.utils.options import ordered_yaml
+from krdistill.evaluation import bicubic_downscale, evaluate, load_network, load_pairs, markdown_table, mod_crop
+from krdistill.io import write_image
 
-from .evaluation import bicubic_downscale, evaluate, load_pairs, markdown_table, mod_crop
+__all__ = ['SCALE', 'TRAIN_IMAGES', 'TEST_IMAGES', 'skimage_image', 'prepare_data', 'run', 'table', 'main']
 
 SCALE = 2
 # skimage.data images bundled with the package (no download). 'cat' is the same photo as
@@ -37,7 +38,8 @@ RUNS = (('teacher', 'demo_teacher_x2'), ('student alone', 'demo_student_x2'), ('
         ('MetaKD', 'demo_metakd_x2'))
 
 
-def _skimage(name: str) -> np.ndarray:
+def skimage_image(name: str) -> np.ndarray:
+    """An image that scikit-image ships (no download) as uint8 BGR ``H x W x 3`` (gray replicated)."""
     from skimage import data
     img = getattr(data, name)()
     if img.dtype == bool:
@@ -58,19 +60,18 @@ def prepare_data(root: Path, sub_size: int = 96, step: int = 64, log=print) -> P
         d.mkdir(parents=True, exist_ok=True)
     count = 0
     for name in TRAIN_IMAGES:
-        img = mod_crop(_skimage(name), SCALE)
+        img = mod_crop(skimage_image(name), SCALE)
         h, w = img.shape[:2]
         for y in range(0, h - sub_size + 1, step):
             for x in range(0, w - sub_size + 1, step):
                 hr = img[y:y + sub_size, x:x + sub_size]
-                cv2.imwrite(str(dirs['train/HR_sub'] / f'{name}_s{count:04d}.png'), hr)
-                cv2.imwrite(str(dirs[f'train/LRbicx{SCALE}_sub'] / f'{name}_s{count:04d}.png'),
-                            bicubic_downscale(hr, SCALE))
+                write_image(dirs['train/HR_sub'] / f'{name}_s{count:04d}.png', hr)
+                write_image(dirs[f'train/LRbicx{SCALE}_sub'] / f'{name}_s{count:04d}.png', bicubic_downscale(hr, SCALE))
                 count += 1
     for name in TEST_IMAGES:
-        hr = mod_crop(_skimage(name), SCALE)
-        cv2.imwrite(str(dirs['test/HR'] / f'{name}.png'), hr)
-        cv2.imwrite(str(dirs[f'test/LRbicx{SCALE}'] / f'{name}.png'), bicubic_downscale(hr, SCALE))
+        hr = mod_crop(skimage_image(name), SCALE)
+        write_image(dirs['test/HR'] / f'{name}.png', hr)
+        write_image(dirs[f'test/LRbicx{SCALE}'] / f'{name}.png', bicubic_downscale(hr, SCALE))
     done.write_text(f'{count} training sub-images, {len(TEST_IMAGES)} test images\n')
     log(f'demo data: {count} training sub-images ({sub_size}px) from {len(TRAIN_IMAGES)} skimage images, '
         f'{len(TEST_IMAGES)} held-out test images -> {base}')
@@ -84,7 +85,7 @@ def load_option(path: Path) -> dict:
 
 def _run_option(opt_path: Path, root: Path, total_iter: int | None) -> Path:
     """Train one option file (optionally with fewer iterations); returns the latest student checkpoint."""
-    from .train import main as train_main
+    from krdistill.train import main as train_main
     opt = load_option(opt_path)
     latest = root / 'experiments' / opt['name'] / 'models' / 'net_g_latest.pth'
     if latest.is_file():
@@ -113,9 +114,7 @@ def _run_option(opt_path: Path, root: Path, total_iter: int | None) -> Path:
 
 def _load_student(opt_path: Path, ckpt: Path) -> torch.nn.Module:
     opt = load_option(opt_path)
-    net = build_network(copy.deepcopy(opt['network_g']))
-    net.load_state_dict(torch.load(ckpt, map_location='cpu', weights_only=True)['params'], strict=True)
-    return net.eval()
+    return load_network(build_network(copy.deepcopy(opt['network_g'])), ckpt, 'params')
 
 
 def run(root: Path, options_dir: Path, total_iter: int | None = None, log=print) -> dict:
@@ -154,10 +153,10 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--root', default='.', help='folder for datasets/, experiments/, results/ (default: .)')
     parser.add_argument('--options', default=None, help='folder of the demo option files (default: options/demo '
-                        'next to the package, i.e. in the repository)')
+                        'of this checkout)')
     parser.add_argument('--total-iter', type=int, default=None, help='override iterations (quick check)')
     args = parser.parse_args(argv)
-    options_dir = Path(args.options) if args.options else Path(__file__).resolve().parents[1] / 'options' / 'demo'
+    options_dir = Path(args.options) if args.options else Path(__file__).resolve().parents[2] / 'options' / 'demo'
     if not options_dir.is_dir():
         raise SystemExit(f'--options: no such folder {options_dir}; run from a krdistill checkout or pass --options')
     t0 = time.time()

@@ -27,13 +27,13 @@ Measurement (written into the JSON as ``config.memory_method``):
   ``max_memory_allocated`` after ``reset_peak_memory_stats`` (after the warm-up) minus
   ``memory_allocated`` before the warm-up (``peak_abs_mb`` is the plain
   ``max_memory_allocated``, weights included). On CPU: peak RSS minus RSS before the warm-up,
-  each method in a fresh subprocess (``python -m krdistill.step_cost --one METHOD ...``) so
+  each method in a fresh subprocess (``python -m krbench.step_cost --one METHOD ...``) so
   methods do not share an allocator; the peak is ``VmHWM`` reset after the warm-up through
   ``/proc/self/clear_refs``, or ``ru_maxrss`` (KiB on Linux; then the warm-up and the model
   build are in it) where that reset is not allowed.
 * **phases**: ``teacher_forward``, ``student_forward``, ``kd_terms`` (FitNet regressors, FAKD
   affinities, KRNets + texture loss: forward only) and the meta step are timed by wrapping the
-  distiller's methods (with a CUDA sync); inside the meta step the student forwards, KD terms
+  algorithm's methods (with a CUDA sync); inside the meta step the student forwards, KD terms
   and the autograd calls of :mod:`krdistill.meta` (``create_graph`` or not) are timed the same
   way. ``step.rest`` is the remainder: loss sums, the student backward and the optimizer steps.
   The model's own ``t_meta`` log is reported beside it (``t_meta_model``; on CUDA it is taken
@@ -43,11 +43,7 @@ Measurement (written into the JSON as ``config.memory_method``):
   go round the methods, one process running at a time, so that background load on a shared
   machine hits every method alike (``--schedule interleaved``, default); ``sequential`` runs
   one method after the other.
-* **what-if** ``--texture-op unfold|shift``: KRNet's texture convolution (one ``F.conv2d`` with
-  ``groups = batch x 2 x width``, whose double backward PyTorch computes group by group) is
-  swapped, for the run only, for an equal computation without grouped-convolution weights
-  (:func:`unfold_depthwise_conv2d`, :func:`shift_depthwise_conv2d`); ``--kr KEY=VALUE`` changes
-  KRNet options.
+* ``--kr KEY=VALUE`` changes KRNet options.
 
 A random teacher is fine for timing; it is written to a temporary checkpoint because the
 models load ``path.pretrain_network_t``. Results: BENCHMARKS.md, section "Step cost".
@@ -74,10 +70,11 @@ from pathlib import Path
 import torch
 
 import krdistill  # noqa: F401  (shims before basicsr, registers models / archs / losses)
-from krdistill.memprobe import reset_peak_rss, status_kib
 
-__all__ = ['PRESETS', 'METHODS', 'DEFAULT_METHODS', 'build_options', 'measure_method', 'run', 'format_table',
-           'format_phases', 'check_targets', 'build_parser', 'main']
+from .memprobe import reset_peak_rss, status_kib
+
+__all__ = ['PRESETS', 'METHODS', 'DEFAULT_METHODS', 'make_config', 'build_options', 'measure_method', 'run',
+           'format_table', 'format_phases', 'check_targets', 'build_parser', 'parse_kr', 'main', 'worker_main', 'MARK']
 
 _EDSR = dict(type='EDSR', num_in_ch=3, num_out_ch=3, res_scale=1, img_range=255., rgb_mean=[0.4488, 0.4371, 0.4040])
 _KRNET = dict(type='KRNet', width=64, num_kernels=8, kernel_size=3, corr_radius=1, use_correlation=True,
@@ -137,7 +134,7 @@ TARGETS = [
 
 DEFAULTS = dict(preset='edsr', batch=16, gt_size=96, iters=10, warmup=2, threads=None, device='cpu', seed=0,
                 teacher_ckpt=None, teacher_param_key='params', kr=None, lr=1e-4,
-                stat='best', texture_op='conv')
+                stat='best')
 
 
 # ---------------------------------------------------------------------------- options
@@ -157,8 +154,6 @@ def make_config(**kwargs) -> dict:
             raise ValueError(f'--{k.replace("_", "-")}: must be >= 1, got {cfg[k]}')
     if int(cfg['warmup']) < 0:
         raise ValueError(f'--warmup: must be >= 0, got {cfg["warmup"]}')
-    if cfg['texture_op'] not in ('conv', 'unfold', 'shift'):
-        raise ValueError(f'--texture-op: conv, unfold or shift, got {cfg["texture_op"]!r}')
     if cfg['stat'] not in ('best', 'mean'):
         raise ValueError(f'--stat: best or mean, got {cfg["stat"]!r}')
     if cfg['device'] not in ('cpu', 'cuda'):
@@ -337,15 +332,16 @@ def _instrument(model, timer: _PhaseTimer):
     dist.student_forward = timer.wrap(dist.student_forward, 'student_forward')
     dist.kd_terms = timer.wrap(dist.kd_terms, 'kd_terms')
     patched = None
-    if hasattr(dist, 'meta_step'):
+    if hasattr(dist, 'meta_grad'):  # MetaKD: the meta step (virtual step + meta gradient)
         from krdistill import meta as meta_mod
-        dist.meta_step = timer.wrap(dist.meta_step, 'meta_step', meta_prefix=False, enters_meta=True)
+        dist.meta_grad = timer.wrap(dist.meta_grad, 'meta_step', meta_prefix=False, enters_meta=True)
+        # krdistill.meta has no public hook for its autograd calls: its module-level helper is wrapped
         patched = (meta_mod, meta_mod._grads)
         meta_mod._grads = timer.wrap_grads(meta_mod._grads)
     try:
         yield
     finally:
-        for name in ('teacher_forward', 'student_forward', 'kd_terms', 'meta_step'):
+        for name in ('teacher_forward', 'student_forward', 'kd_terms', 'meta_grad'):
             dist.__dict__.pop(name, None)
         if patched is not None:
             patched[0]._grads = patched[1]
@@ -369,75 +365,6 @@ def _phases_per_iter(totals: dict, counts: dict | None, total: float, iters: int
     if counts is not None:
         out['calls_per_iter'] = {k: counts[k] / iters for k in sorted(counts)}
     return out
-
-
-# ---------------------------------------------------------------------------- what-if: KRNet texture op
-def _depthwise_case(input, weight, bias, stride, padding, dilation, groups) -> bool:
-    """The call KRNet makes for its textures: ``input`` 1 x G x H x W, ``weight`` G*N x 1 x k x k,
-    ``groups=G``, no bias, stride, padding or dilation."""
-    return (bias is None and stride in (1, (1, 1)) and padding in (0, (0, 0)) and dilation in (1, (1, 1))
-            and input.dim() == 4 and input.shape[0] == 1 and groups > 1 and input.shape[1] == groups
-            and weight.shape[1] == 1 and weight.shape[0] % groups == 0)
-
-
-def unfold_depthwise_conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
-    """``F.conv2d``; KRNet's depthwise case (:func:`_depthwise_case`) as ``unfold`` + a batched
-    matmul: the same numbers, but its double backward is matmuls instead of PyTorch's loop over
-    the groups (``_convolution_double_backward`` computes the weight term group by group: G =
-    batch x 2 x width convolutions). Saves the unfolded input (k*k times the input) for backward.
-    Any other call goes to ``F.conv2d``."""
-    if not _depthwise_case(input, weight, bias, stride, padding, dilation, groups):
-        return torch.nn.functional.conv2d(input, weight, bias, stride, padding, dilation, groups)
-    g, n = groups, weight.shape[0] // groups
-    kh, kw = weight.shape[-2:]
-    h, w = input.shape[-2] - kh + 1, input.shape[-1] - kw + 1
-    cols = torch.nn.functional.unfold(input, (kh, kw)).view(g, kh * kw, h * w)
-    out = torch.bmm(weight.reshape(g, n, kh * kw), cols)  # G x N x HW
-    return out.view(1, g * n, h, w)
-
-
-def shift_depthwise_conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
-    """``F.conv2d``; KRNet's depthwise case (:func:`_depthwise_case`) as a sum over the k*k taps of
-    (shifted view of the input) x (tap weight): elementwise products and sums only, so the double
-    backward has no per-group loop, and autograd saves views of the input, not copies. Any
-    other call goes to ``F.conv2d``."""
-    if not _depthwise_case(input, weight, bias, stride, padding, dilation, groups):
-        return torch.nn.functional.conv2d(input, weight, bias, stride, padding, dilation, groups)
-    g, n = groups, weight.shape[0] // groups
-    kh, kw = weight.shape[-2:]
-    h, w = input.shape[-2] - kh + 1, input.shape[-1] - kw + 1
-    x = input.view(g, 1, input.shape[-2], input.shape[-1])
-    taps = weight.reshape(g, n, kh * kw, 1, 1)
-    out = None
-    for i in range(kh):
-        for j in range(kw):
-            term = taps[:, :, i * kw + j] * x[:, :, i:i + h, j:j + w]  # G x N x h x w
-            out = term if out is None else out + term
-    return out.reshape(1, g * n, h, w)
-
-
-_TEXTURE_OPS = {'unfold': unfold_depthwise_conv2d, 'shift': shift_depthwise_conv2d}
-
-
-@contextmanager
-def _texture_op(op: str):
-    """``op`` 'unfold' or 'shift': KRNet's texture convolution through
-    :func:`unfold_depthwise_conv2d` or :func:`shift_depthwise_conv2d` (a measurement of what such
-    a change would buy; the model code is not changed). 'conv': as the model has it."""
-    if op == 'conv':
-        yield
-        return
-    import types
-    from krdistill.archs import krnet_arch
-    orig = krnet_arch.F
-    shim = types.ModuleType(f'F_texture_{op}')
-    shim.__dict__.update({k: getattr(orig, k) for k in dir(orig) if not k.startswith('__')})
-    shim.conv2d = _TEXTURE_OPS[op]
-    krnet_arch.F = shim
-    try:
-        yield
-    finally:
-        krnet_arch.F = orig
 
 
 # ---------------------------------------------------------------------------- one method
@@ -477,7 +404,6 @@ class _Bench:
             self.base = _rss_kib() * 1024
         self._stack = ExitStack()
         self._stack.enter_context(_instrument(self.model, self.timer))
-        self._stack.enter_context(_texture_op(cfg['texture_op']))
 
     def _step(self, it: int) -> float:
         if self.cuda:
@@ -576,11 +502,12 @@ def _machine(cfg: dict) -> dict:
     return info
 
 
-_MARK = '@@step_cost '
+#: prefix of the worker subprocess's answer lines on stdout
+MARK = '@@step_cost '
 
 
 class _Worker:
-    """A ``python -m krdistill.step_cost --one METHOD --serve`` subprocess holding one method's model;
+    """A ``python -m krbench.step_cost --one METHOD --serve`` subprocess holding one method's model;
     it answers ``warmup``, ``cycle`` and ``finish`` on stdin with one marked JSON line on stdout."""
 
     def __init__(self, method: str, cfg: dict, teacher_ckpt: str | None, workdir: str, cycle: int):
@@ -590,20 +517,21 @@ class _Worker:
         self.log_path = os.path.join(workdir, f'{method}.log')
         Path(cfg_path).write_text(json.dumps(dict(cfg=cfg, teacher_ckpt=teacher_ckpt, cycle=cycle)))
         env = dict(os.environ)
+        tools = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the folder holding krbench/
         pkg_root = os.path.dirname(os.path.dirname(os.path.abspath(krdistill.__file__)))
-        env['PYTHONPATH'] = os.pathsep.join([pkg_root] + ([env['PYTHONPATH']] if env.get('PYTHONPATH') else []))
+        env['PYTHONPATH'] = os.pathsep.join([tools, pkg_root] + ([env['PYTHONPATH']] if env.get('PYTHONPATH') else []))
         if cfg['threads']:
             env['OMP_NUM_THREADS'] = env['MKL_NUM_THREADS'] = str(int(cfg['threads']))
         self._log = open(self.log_path, 'w')
         self.proc = subprocess.Popen(
-            [sys.executable, '-m', 'krdistill.step_cost', '--one', method, '--config', cfg_path, '--out',
+            [sys.executable, '-m', 'krbench.step_cost', '--one', method, '--config', cfg_path, '--out',
              self.out_path, '--serve'], env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log,
             text=True)
 
     def reply(self) -> dict:
         for line in self.proc.stdout:
-            if line.startswith(_MARK):
-                return json.loads(line[len(_MARK):])
+            if line.startswith(MARK):
+                return json.loads(line[len(MARK):])
         code = self.proc.wait()
         self._log.close()
         raise RuntimeError(f'step_cost: the {self.method} subprocess failed (exit {code}):\n'
@@ -877,10 +805,6 @@ def build_parser() -> argparse.ArgumentParser:
     iso.add_argument('--in-process', dest='isolate', action='store_false',
                      help='all methods in this process (default on cuda; CPU memory numbers then share one '
                           'allocator)')
-    p.add_argument('--texture-op', default=DEFAULTS['texture_op'], choices=['conv', 'unfold', 'shift'],
-                   help='what-if: run KRNet\'s texture convolution (groups = batch x 2 x width) as unfold + bmm, '
-                        'or as a sum of shifted products, whose double backward has no per-group loop (the model '
-                        'code is unchanged; default conv: as the model has it)')
     p.add_argument('--schedule', default='interleaved', choices=['interleaved', 'sequential'],
                    help='with one subprocess per method: build all models, then time cycle by cycle round the '
                         'methods (default; background load hits all methods alike), or one method after the other')
@@ -888,7 +812,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _parse_kr(items) -> dict | None:
+def parse_kr(items) -> dict | None:
     if not items:
         return None
     import yaml
@@ -905,8 +829,8 @@ def main(argv=None) -> dict:
     args = build_parser().parse_args(argv)
     settings = dict(preset=args.preset, batch=args.batch, gt_size=args.gt_size, iters=args.iters,
                     warmup=args.warmup, threads=args.threads, device=args.device, seed=args.seed,
-                    teacher_ckpt=args.teacher_ckpt, teacher_param_key=args.teacher_param_key, kr=_parse_kr(args.kr),
-                    stat=args.stat, texture_op=args.texture_op)
+                    teacher_ckpt=args.teacher_ckpt, teacher_param_key=args.teacher_param_key, kr=parse_kr(args.kr),
+                    stat=args.stat)
     result = run(args.methods, isolate=args.isolate, interleave=args.schedule == 'interleaved',
                  log=lambda s: print(s, file=sys.stderr, flush=True), **settings)
     result['config']['command'] = 'python tools/step_cost.py ' + ' '.join(
@@ -918,10 +842,10 @@ def main(argv=None) -> dict:
     return result
 
 
-def _worker(argv=None) -> int:
-    """``python -m krdistill.step_cost --one METHOD --config CFG.json --out RESULT.json [--serve]``
+def worker_main(argv=None) -> int:
+    """``python -m krbench.step_cost --one METHOD --config CFG.json --out RESULT.json [--serve]``
     (the per-method subprocess of :func:`run`)."""
-    p = argparse.ArgumentParser(prog='python -m krdistill.step_cost')
+    p = argparse.ArgumentParser(prog='python -m krbench.step_cost')
     p.add_argument('--one', required=True)
     p.add_argument('--config', required=True)
     p.add_argument('--out', required=True)
@@ -936,7 +860,7 @@ def _worker(argv=None) -> int:
         return 0
 
     def answer(**kw):
-        sys.stdout.write(_MARK + json.dumps(kw) + '\n')
+        sys.stdout.write(MARK + json.dumps(kw) + '\n')
         sys.stdout.flush()
 
     bench = _Bench(a.one, spec['cfg'], spec['teacher_ckpt'], spec['cycle'])
@@ -959,5 +883,5 @@ def _worker(argv=None) -> int:
 
 if __name__ == '__main__':
     if '--one' in sys.argv[1:]:
-        sys.exit(_worker())
+        sys.exit(worker_main())
     main()
