@@ -116,11 +116,13 @@ class KRTextureTerm(nn.Module):
 def texture_stats(out: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """What a KRNet transfers, for the logs: ``texture_gain`` (the sum of the texture weights, the
     overall strength), ``texture_entropy`` (of the normalised weights, nats; log N = uniform, 0 =
-    one texture) and, with a FitNet branch, ``fitnet_weight``."""
+    one texture), ``texture_weights`` (the N weights, batch mean; not logged) and, with a FitNet
+    branch, ``fitnet_weight``."""
     w = out['weights'].detach().float()
     gain = w.sum(dim=-1, keepdim=True)
     a = (w / gain.clamp_min(1e-12)).clamp_min(1e-12)
-    stats = {'texture_gain': gain.mean(), 'texture_entropy': -(a * a.log()).sum(-1).mean()}
+    stats = {'texture_gain': gain.mean(), 'texture_entropy': -(a * a.log()).sum(-1).mean(),
+             'texture_weights': w.reshape(-1, w.shape[-1]).mean(0)}
     if 'fit_weight' in out:
         stats['fitnet_weight'] = out['fit_weight'].detach().float()
     return stats
@@ -320,7 +322,7 @@ class MetaKD(Distiller):
         step = self.student_step(lq, gt, optimizer, teacher, extra_optimizer=joint)
         step.logs.update(info)
         for i, term in enumerate(self.pair_losses):  # what each KRNet transferred in the student step
-            step.logs.update((f'kr{i}_{k}', v) for k, v in term.stats.items())
+            step.logs.update((f'kr{i}_{k}', v) for k, v in term.stats.items() if v.dim() == 0)
         step.skipped = '; '.join(s for s in (skipped, step.skipped) if s) or None
         if step.skipped is None:  # a bad batch is never the next meta batch
             self._last_batch = (lq.detach(), gt.detach())

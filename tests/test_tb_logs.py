@@ -37,3 +37,18 @@ def test_tensorboard_event_file_holds_the_kd_log_keys(tmp_path, model):
     train_main(['-opt', str(write_yaml(opt, tmp_path / 'tb.yml'))], root_path=str(tmp_path))
     tags = _tags(tmp_path, opt['name'])
     assert want <= tags, sorted(tags)
+
+
+def test_kr_picture_is_written_at_its_frequency(tmp_path):
+    import cv2
+    opt = tiny_metakd_opt(tmp_path, total_iter=4)
+    opt['network_kr']['fitnet_branch'] = True
+    opt['name'] = 'kr_picture'
+    opt['logger'].update(print_freq=2, save_checkpoint_freq=100, kr_picture_freq=2)
+    opt['val']['val_freq'] = 100
+    train_main(['-opt', str(write_yaml(opt, tmp_path / 'pic.yml'))], root_path=str(tmp_path))
+    vis = tmp_path / 'experiments' / 'kr_picture' / 'visualization'
+    assert sorted(p.name for p in vis.glob('kr_*.png')) == ['kr_2.png', 'kr_4.png']
+    img = cv2.imread(str(vis / 'kr_4.png'))
+    n = opt['network_kr']['num_kernels']
+    assert img is not None and img.shape[1] >= n * 96 and img.shape[0] >= 4 * 96  # kernels + 3 map rows

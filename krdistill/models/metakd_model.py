@@ -24,6 +24,7 @@ them on): ``l_pix``, ``l_texture`` [, ``l_kd_out``], ``kr<i>_texture_gain``, ``k
 from __future__ import annotations
 
 import copy
+import os
 
 from basicsr.data import build_dataloader, build_dataset
 from basicsr.utils import get_root_logger
@@ -31,7 +32,7 @@ from basicsr.utils.registry import MODEL_REGISTRY
 
 from ..build import BASICSR_KEYS, build_metakd, build_optimizer
 from ..io import load_weights
-from ..metakd import check_meta_options
+from ..metakd import check_meta_options, check_number
 from .teacher_model import TeacherStudentModel
 
 __all__ = ['MetaKDModel']
@@ -95,7 +96,34 @@ class MetaKDModel(TeacherStudentModel):
         self.optimizers.append(self.optimizer_kr)
 
     def run_iteration(self, current_iter):
-        return self.distiller.train_step(self.lq, self.gt, self.optimizer_g, self.optimizer_kr, it=current_iter)
+        step = self.distiller.train_step(self.lq, self.gt, self.optimizer_g, self.optimizer_kr, it=current_iter)
+        self._kr_picture(current_iter)
+        return step
+
+    def _kr_picture(self, current_iter: int) -> None:
+        """Every ``logger.kr_picture_freq`` (default ``logger.save_image_freq``) iterations, write
+        ``visualization/kr_<iter>.png``: kernels, student / teacher textures and the per-texture
+        weights over training (:mod:`krdistill.kr_picture`)."""
+        log_opt = self.opt.get('logger') or {}
+        freq = log_opt.get('kr_picture_freq', log_opt.get('save_image_freq'))
+        if not freq:
+            return
+        freq = check_number(freq, 'logger.kr_picture_freq', minimum=1, integer=True)
+        history = getattr(self, '_kr_history', None)
+        if history is None:
+            history = self._kr_history = {name: [] for name in self.distiller.student_layers}
+        every = max(1, freq // 20)
+        if current_iter % every == 0:
+            for name, term in zip(self.distiller.student_layers, self.distiller.pair_losses):
+                if 'texture_weights' in term.stats:
+                    history[name].append(term.stats['texture_weights'].cpu().tolist())
+        if current_iter % freq or self.opt.get('rank', 0) != 0:
+            return
+        from ..io import write_image
+        from ..kr_picture import draw_points
+        path = os.path.join(self.opt['path']['visualization'], f'kr_{current_iter}.png')
+        write_image(path, draw_points(self.distiller, self.lq, history))
+        get_root_logger().info(f'KRNet picture: {path}')
 
     # ----------------------------------------------------------------- saving
     def training_only_networks(self) -> dict:
