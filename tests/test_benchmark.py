@@ -1,6 +1,7 @@
 """The distillation benchmark on tiny synthetic data: tables, JSON, plots, resumability."""
 import json
 import os
+import warnings
 
 import cv2
 import numpy as np
@@ -114,3 +115,123 @@ def test_plan_fits_budget():
     assert plan['iters'] < 1000 and plan['iters'] % 100 == 0
     full = bench.make_plan(dict(cfg, budget=dict(minutes=1000, workers=2)), meas, 0.0)
     assert full['iters'] == 1000
+
+
+# ---------------------------------------------------------------------------- the shipped algorithms
+def _equivalence_config():
+    cfg = tiny_config()
+    meta = cfg['methods']['metakd_exact']['metakd']
+    cfg['methods'] = {'metakd_exact': {'output_kd': 1.0, 'metakd': meta},
+                      'fitnet_out': {'output_kd': 1.0, 'pair': {'type': 'FitNetLoss', 'loss_weight': 1.0}}}
+    cfg['ablations'] = None
+    cfg['train'].update(seeds=[0], iters=4, min_iters=4, log_every=1)
+    return cfg
+
+
+def _plain_loop(out, cfg, method, seed=0):
+    """The benchmark's training of ``method`` written as a user's plain loop: the builders, the
+    optimizers and ``train_step`` with the teacher outputs of the benchmark's cache."""
+    import torch
+    from basicsr.archs import build_network
+    from krdistill.build import build_distiller, build_metakd, build_optimizer
+    tr, kd = cfg['train'], cfg['kd']
+    pool = next((out / 'cache').glob('pool_*'))
+    tcache = next((out / 'cache').glob('teacher_*'))
+    hr_f, lr_f = bench.RowFile(pool / 'pool_hr.bin'), bench.RowFile(pool / 'pool_lr.bin')
+    out_f, feat_f = bench.RowFile(tcache / 'out_t.bin'), bench.RowFile(tcache / 'feat_body.1.bin')
+    order = bench.batch_order(len(hr_f), tr['iters'], tr['batch'], seed)
+    torch.manual_seed(seed)
+    student = build_network(dict(cfg['student']['network']))
+    teacher = build_network(dict(cfg['teacher']['network']))
+    torch.manual_seed(seed + 7919)  # the benchmark's seed for the training-only modules
+    opt_kr = None
+    if method == 'metakd_exact':
+        algo = build_metakd(teacher, student, kd['teacher_layers'], kd['student_layers'],
+                            network_kr=dict(type='KRNet', num_kernels=2, hidden=4),
+                            texture_opt=dict(type='TextureWiseLoss', loss_weight=1.0),
+                            output_kd_opt=dict(type='OutputKDLoss', loss_weight=1.0),
+                            pixel_opt=dict(type='L1Loss', loss_weight=1.0), meta=dict(every=2, mode='exact'))
+        opt_kr = build_optimizer(dict(type='Adam', lr=1e-3), algo.kr_parameters())
+    else:
+        algo = build_distiller(teacher, student, kd['teacher_layers'], kd['student_layers'],
+                               kd_opt=dict(type='FitNetLoss', loss_weight=1.0),
+                               output_kd_opt=dict(type='OutputKDLoss', loss_weight=1.0),
+                               pixel_opt=dict(type='L1Loss', loss_weight=1.0))
+    opt = torch.optim.Adam(list(student.parameters()) + algo.kd_parameters(), lr=tr['lr'], betas=tuple(tr['betas']))
+    scheds = [torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=tr['iters']) for o in (opt, opt_kr) if o]
+    logs = []
+    for it in range(1, tr['iters'] + 1):
+        idx = order[it - 1]
+        lq, gt = bench.to_float(lr_f.take(idx)), bench.to_float(hr_f.take(idx))
+        teacher_out = (torch.from_numpy(out_f.take(idx)).float(), [torch.from_numpy(feat_f.take(idx)).float()])
+        if opt_kr is not None:
+            step = algo.train_step(lq, gt, opt, opt_kr, teacher=teacher_out, it=it)
+        else:
+            step = algo.train_step(lq, gt, opt, teacher=teacher_out, it=it)
+        assert step.skipped is None
+        with warnings.catch_warnings():  # no KRNet step at a non-meta iteration: its schedule still advances
+            warnings.simplefilter('ignore', UserWarning)
+            for s in scheds:
+                s.step()
+        logs.append({k: float(v) for k, v in step.logs.items() if k != 't_meta'})
+    return logs
+
+
+def test_benchmark_jobs_equal_plain_loops_of_the_builders(tmp_path, data_root):
+    """A benchmark MetaKD job (meta iterations 2 and 4: the meta batch is the previous batch) and a
+    hand-crafted one (FitNet + output KD) give the losses of a plain loop over the builders."""
+    cfg = _equivalence_config()
+    out = tmp_path / 'run'
+    res = bench.run(cfg, data_root, out, plot=False)
+    for method in ('metakd_exact', 'fitnet_out'):
+        run = next(r for r in res['runs'].values() if r['method'] == method)
+        assert run['skipped_steps'] == 0
+        got, want = run['stats'], _plain_loop(out, cfg, method)
+        assert [row['it'] for row in got] == [1, 2, 3, 4]
+        assert [sorted(k for k in g if k.startswith('l_')) for g in got] == \
+            [sorted(k for k in w if k.startswith('l_')) for w in want], method
+        if method == 'metakd_exact':
+            assert ['l_meta' in w for w in want] == [False, True, False, True]
+            assert {'l_pix', 'l_texture', 'l_kd_out'} <= set(want[0])
+            assert run['meta_steps'] == 2 and run['s_per_meta_step'] > 0
+        else:
+            assert {'l_pix', 'l_kd_fitnet', 'l_kd_out'} <= set(want[0])
+        for it, (g, w) in enumerate(zip(got, want), 1):
+            for k in w:
+                assert g[k] == pytest.approx(w[k], rel=1e-6, abs=1e-9), (method, it, k)
+
+
+def test_non_finite_steps_are_skipped_and_counted(tmp_path, data_root):
+    cfg = _equivalence_config()
+    cfg['methods'] = {'output_kd': {'output_kd': 1.0}}
+    out = tmp_path / 'run'
+    first = bench.run(cfg, data_root, out, plot=False)
+    assert list(first['runs'].values())[0]['skipped_steps'] == 0
+    # a teacher cache holding NaN outputs: no step is taken, every one is counted
+    tcache = next((out / 'cache').glob('teacher_*'))
+    meta = json.loads((tcache / 'out_t.bin.json').read_text())
+    np.full(meta['shape'], np.nan, np.float16).tofile(tcache / 'out_t.bin')
+    for p in out.glob('runs/*/result.json'):
+        p.unlink()
+    run = list(bench.run(cfg, data_root, out, plot=False)['runs'].values())[0]
+    assert run['skipped_steps'] == cfg['train']['iters']
+    assert [s['it'] for s in run['skipped']] == [1, 2, 3, 4]
+    assert 'non-finite student loss (l_kd_out)' in run['skipped'][0]['why']
+    assert json.loads(next(out.glob('runs/*/result.json')).read_text())['skipped_steps'] == 4
+
+
+def test_method_blocks_map_onto_the_option_blocks():
+    assert bench.method_options({}) == {'pixel_opt': bench.PIXEL_OPT}
+    opts = bench.method_options({'output_kd': 0.5, 'metakd': {
+        'krnet': {'num_kernels': 4}, 'texture_weight': 2.0, 'texture': {'criterion': 'charbonnier'},
+        'optim_kr': {'lr': 1e-2}, 'meta': {'every': 4}}})
+    assert opts['output_kd_opt'] == {'type': 'OutputKDLoss', 'loss_weight': 0.5}
+    assert opts['network_kr'] == {'type': 'KRNet', 'num_kernels': 4}
+    assert opts['texture_opt'] == {'type': 'TextureWiseLoss', 'loss_weight': 2.0, 'criterion': 'charbonnier'}
+    assert opts['optim_kr'] == {'type': 'Adam', 'lr': 1e-2, 'betas': [0.9, 0.999]} and opts['meta'] == {'every': 4}
+    assert bench.method_options({'pair': {'type': 'ATLoss', 'loss_weight': 500}})['kd_opt'] == {
+        'type': 'ATLoss', 'loss_weight': 500}
+    with pytest.raises(KeyError, match=r'methods\.x: unknown key\(s\) \[.pairs.\]'):
+        bench.method_options({'pairs': {}}, 'methods.x')
+    with pytest.raises(KeyError, match=r'methods\.x\.metakd: unknown key\(s\) \[.krnets.\]'):
+        bench.method_options({'metakd': {'krnets': {}}}, 'methods.x')

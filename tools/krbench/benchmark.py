@@ -48,6 +48,7 @@ import krdistill  # noqa: F401  (shims and registration before basicsr)
 from krdistill import evaluation as ev
 from krdistill.build import build_distiller, build_metakd, build_optimizer, probe_pairs
 from krdistill.io import list_images, read_image
+from krdistill.metakd import texture_stats
 
 from .memprobe import reset_peak_rss, status_kib
 
@@ -262,7 +263,8 @@ def precompute_teacher(cfg: dict, pool: Path, ckpt: Path, layers: list[str], cac
                 mm[s:s + len(idx)] = t.half().cpu().numpy()
             if (s // bs) % 50 == 0:
                 el = time.time() - t0
-                log(f'teacher precompute {s + len(idx)}/{n} ETA {el / (s + len(idx)) * (n - s - len(idx)) / 60:.1f} min')
+                done = s + len(idx)
+                log(f'teacher precompute {done}/{n} ETA {el / done * (n - done) / 60:.1f} min')
     rec.remove()
     for mm in files:
         mm.flush()
@@ -378,17 +380,17 @@ def _measure_it(i: int, total: int, n_meta: int, every: int) -> int:
 
 @torch.no_grad()
 def _kr_stats(mkd, lq, feats_t) -> dict:
-    """KRNet statistics on one batch: texture-weight entropy (nats; log N = uniform), the mean
-    |cosine| between the N kernels of a sample (0 = diverse, 1 = all the same) and the total
-    texture weight (the learned gain; 1 without ``gain``)."""
+    """KRNet statistics on one batch: texture-weight entropy (nats; log N = uniform) and total
+    texture weight (the learned gain; 1 without ``gain``), as MetaKD logs them
+    (:func:`krdistill.metakd.texture_stats`), and the mean |cosine| between the N kernels of a
+    sample (0 = diverse, 1 = all the same)."""
     _, feats_s = mkd.student_forward(lq)
     ent, cos, gain = [], [], []
     for kr, fs, ft in zip(mkd.krnets, feats_s, feats_t):
         o = kr(fs.detach(), ft)
-        total = o['weights'].sum(1, keepdim=True)  # the gain (1 without KRNet(gain=True))
-        gain.append(float(total.mean()))
-        a = (o['weights'] / total).clamp_min(1e-12)
-        ent.append(float(-(a * a.log()).sum(1).mean()))
+        st = texture_stats(o)
+        gain.append(float(st['texture_gain']))
+        ent.append(float(st['texture_entropy']))
         k = o['kernels']
         k = k.reshape(k.shape[0], k.shape[1], -1)
         k = k / (k.norm(dim=-1, keepdim=True) + 1e-12)
@@ -471,10 +473,10 @@ def run_job(spec: dict) -> dict:
             step = algo.train_step(lq, gt, opt, opt_kr, teacher=teacher_out, it=sched_it)
         else:
             step = algo.train_step(lq, gt, opt, teacher=teacher_out, it=it)
-        sched.step()
-        if sched_kr is not None:
-            with warnings.catch_warnings():  # frozen / non-meta iterations: the schedule still advances
-                warnings.simplefilter('ignore', UserWarning)
+        with warnings.catch_warnings():  # no step taken (non-meta iteration, skipped step): the schedules advance
+            warnings.simplefilter('ignore', UserWarning)
+            sched.step()
+            if sched_kr is not None:
                 sched_kr.step()
         sync()
         t_end = time.perf_counter()
@@ -708,7 +710,8 @@ def run(config: str | dict, data_root, out, teacher_ckpt: str | None = None, wor
         todo += [(f'abl_{v}', _ablation_cfg(cfg, vc)) for v, vc in variants.items()]
         specs = [spec(n, n, mc, 0, mi + mm + 1, dict(iters=mi + mm, meta=mm if _every(mc) else 0, warmup=1))
                  for n, mc in todo]
-        log(f'measuring {len(specs)} methods ({mi} plain + {mm} meta iterations each, {workers} x {threads}-thread jobs)')
+        log(f'measuring {len(specs)} methods ({mi} plain + {mm} meta iterations each, {workers} x {threads}-thread '
+            'jobs)')
         meas = {specs[i]['name']: r for i, r in enumerate(_exec(specs, workers))}
         for n, r in meas.items():
             log(f'  {n:24s} step {r["t_step"]:.3f} s' + (f', meta step {r["t_meta"]:.3f} s' if r['t_meta'] else ''))
