@@ -4,6 +4,11 @@
     python -m krdistill.train -opt ...      # or the console script: krdistill-train -opt ...
 
 Experiments are written under the current folder (``experiments/<name>``), as with BasicSR.
+BasicSR's own ``basicsr/train.py`` runs the same option files; this entry point adds, for the
+duration of its run only (:mod:`krdistill.entry`), what BasicSR 1.4.2 cannot do without a
+patch: resume on the CPU from a ``weights_only`` training state with the teacher kept, exact
+mid-epoch resume, ``--launcher pytorch`` without CUDA, and the data checks of every
+``datasets.<phase>`` block before the first loader is built.
 """
 import os
 import sys

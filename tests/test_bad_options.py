@@ -49,6 +49,8 @@ CASES = {
                                'datasets.train.dataroot_lq'),
     'corrupt image': (_corrupt_dataset, 'img001.png'),
     'unpaired folders': (_unpaired_dataset, 'datasets.train'),
+    'datasets.meta moved to meta.dataset': (lambda o, r: o['datasets'].update(meta=dict(o['datasets']['train'],
+                                                                                      name='meta')), 'meta.dataset'),
     'unknown texture loss': (lambda o, r: o['train'].update(texture_opt=dict(type='TextureLoss')),
                              'train.texture_opt.type'),
 }
