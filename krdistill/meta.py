@@ -58,7 +58,7 @@ from torch import Tensor, nn
 
 from .features import unwrap
 
-__all__ = ['virtual_step', 'meta_gradient', 'adam_preconditioner', 'student_params', 'optimizer_step',
+__all__ = ['virtual_step', 'meta_gradient', 'adam_preconditioner', 'student_params', 'optimizer_step', 'grads_or_zeros',
            'SUPPORTED_OPTIMIZERS']
 
 ParamDict = dict[str, Tensor]
@@ -246,7 +246,7 @@ def optimizer_step(optimizer: torch.optim.Optimizer,
     return step
 
 
-def _grads(loss: Tensor, inputs: Sequence[Tensor], create_graph: bool = False) -> list[Tensor]:
+def grads_or_zeros(loss: Tensor, inputs: Sequence[Tensor], create_graph: bool = False) -> list[Tensor]:
     """``d loss / d inputs`` with zeros for inputs the loss does not use."""
     if not inputs:
         return []
@@ -359,12 +359,12 @@ def _leaves(params: Mapping[str, Tensor], names: Sequence[str]) -> ParamDict:
 def _exact(params, names, student_loss, meta_loss, kr_params, step_fn, reduce=None):
     theta = _leaves(params, names)
     l_s = _check_scalar(student_loss(theta), 'student_loss')
-    g = _grads(l_s, [theta[n] for n in names], create_graph=True)
+    g = grads_or_zeros(l_s, [theta[n] for n in names], create_graph=True)
     if reduce is not None:
         g = list(reduce(g))
     theta_v = step_fn(theta, dict(zip(names, g)))
     l_m = _check_scalar(meta_loss(theta_v), 'meta_loss')
-    grads = [x.detach() for x in _grads(l_m, kr_params)]
+    grads = [x.detach() for x in grads_or_zeros(l_m, kr_params)]
     return grads, {'l_student': l_s.detach(), 'l_meta': l_m.detach()}
 
 
@@ -372,7 +372,7 @@ def _finite_difference(params, names, student_loss, meta_loss, kr_params, lr, pr
                        step_fn=None):
     theta = _leaves(params, names)
     l_s = _check_scalar(student_loss(theta), 'student_loss')
-    g = [x.detach() for x in _grads(l_s, [theta[n] for n in names])]
+    g = [x.detach() for x in grads_or_zeros(l_s, [theta[n] for n in names])]
     if reduce is not None:
         g = [x.detach() for x in reduce(g)]
     with torch.no_grad():
@@ -381,7 +381,7 @@ def _finite_difference(params, names, student_loss, meta_loss, kr_params, lr, pr
     theta_v = dict(params)
     theta_v.update({n: stepped[n].requires_grad_(True) for n in names})
     l_m = _check_scalar(meta_loss(theta_v), 'meta_loss')
-    v = _grads(l_m, [theta_v[n] for n in names])
+    v = grads_or_zeros(l_m, [theta_v[n] for n in names])
     if reduce is not None:
         v = [x.detach() for x in reduce(v)]
     scale = -lr
@@ -391,7 +391,7 @@ def _finite_difference(params, names, student_loss, meta_loss, kr_params, lr, pr
         with torch.enable_grad():
             out = step_fn({n: theta[n].detach() for n in names}, dict(zip(names, g_leaf)))
             dot = torch.stack([(out[n] * x).sum() for n, x in zip(names, v)]).sum()
-        u_list = _grads(dot, g_leaf)
+        u_list = grads_or_zeros(dot, g_leaf)
         scale = 1.0
     with torch.no_grad():
         # Chain rule through theta' = theta - lr * g / P: the direction is u = v / P (times -lr).
@@ -410,6 +410,6 @@ def _finite_difference(params, names, student_loss, meta_loss, kr_params, lr, pr
         with torch.no_grad():
             shifted = dict(params)
             shifted.update({n: params[n].detach() + sign * eps * u[n] for n in names})
-        side.append(_grads(_check_scalar(student_loss(shifted), 'student_loss'), kr_params))
+        side.append(grads_or_zeros(_check_scalar(student_loss(shifted), 'student_loss'), kr_params))
     grads = [(scale / (2 * eps)) * (gp - gm) for gp, gm in zip(*side)]
     return [x.detach() for x in grads], {'l_student': l_s.detach(), 'l_meta': l_m.detach(), 'fd_step': eps.detach()}

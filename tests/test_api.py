@@ -3,8 +3,6 @@ plain loop, and its agreement with BasicSR's MetaKDModel (same losses, same KRNe
 update for the same weights and batch)."""
 import copy
 import io
-import os
-import sys
 
 import pytest
 import torch

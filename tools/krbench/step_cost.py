@@ -336,15 +336,15 @@ def _instrument(model, timer: _PhaseTimer):
         from krdistill import meta as meta_mod
         dist.meta_grad = timer.wrap(dist.meta_grad, 'meta_step', meta_prefix=False, enters_meta=True)
         # krdistill.meta has no public hook for its autograd calls: its module-level helper is wrapped
-        patched = (meta_mod, meta_mod._grads)
-        meta_mod._grads = timer.wrap_grads(meta_mod._grads)
+        patched = (meta_mod, meta_mod.grads_or_zeros)
+        meta_mod.grads_or_zeros = timer.wrap_grads(meta_mod.grads_or_zeros)
     try:
         yield
     finally:
         for name in ('teacher_forward', 'student_forward', 'kd_terms', 'meta_grad'):
             dist.__dict__.pop(name, None)
         if patched is not None:
-            patched[0]._grads = patched[1]
+            patched[0].grads_or_zeros = patched[1]
 
 
 def _phases_per_iter(totals: dict, counts: dict | None, total: float, iters: int) -> dict:
