@@ -45,7 +45,7 @@ def test_metakd_on_cuda_save_and_resume(tmp_path, mode):
         model.optimize_parameters(it)
     assert model.get_current_log()['meta_grad_norm'] > 0
     model.save(0, 2)
-    from krdistill.compat import load_resume_state
+    from krdistill.entry import load_resume_state
     ropt = copy.deepcopy(opt)
     ropt['path']['resume_state'] = os.path.join(opt['path']['training_states'], '2.state')
     state = load_resume_state(ropt)

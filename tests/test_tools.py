@@ -179,6 +179,18 @@ def test_list_modules_cli(tmp_path, list_tool, capsys):
     assert 'network_g' not in out and '1 x 8 x 16 x 20' in out and 'body.0' not in out
 
 
+def test_list_modules_pairs_shows_what_kd_auto_chooses(tmp_path, list_tool, capsys):
+    opt = tmp_path / 'opt.yml'
+    opt.write_text(yaml.safe_dump({'network_g': SWINIR_OPT, 'network_t': EDSR_OPT, 'kd': {'auto': True, 'points': 1}}))
+    assert list_tool.main(['-opt', str(opt), '--pairs', '--size', '16']) == 0
+    out = capsys.readouterr().out
+    last_t = f'body.{EDSR_OPT["num_block"] - 1}'
+    last_s = f'layers.{len(SWINIR_OPT["depths"]) - 1}'
+    assert 'kd: auto, 1 point(s)' in out and f'{last_t} (' in out and f'-> {last_s} (' in out
+    assert list_tool.main(['-opt', str(opt), '--pairs', '99']) == 1
+    assert 'kd.points: 99 points asked' in capsys.readouterr().err
+
+
 def test_make_val_images_writes_scale_multiples(tmp_path):
     import cv2
     tool = _load_tool('make_val_images')

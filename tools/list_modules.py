@@ -163,7 +163,33 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument('--filter', default=None, metavar='REGEX', help='only module names matching REGEX')
     p.add_argument('--depth', type=int, default=None, metavar='N', help='only names with at most N dotted parts')
     p.add_argument('--valid-only', action='store_true', help='only valid distillation points')
+    p.add_argument('--pairs', type=int, nargs='?', const=0, default=None, metavar='N',
+                   help="the teacher/student pairs kd: auto chooses (N points; default: the option file's "
+                        'kd.points, else 1) for network_t and network_g')
     return p.parse_args(argv)
+
+
+def print_pairs(opt: dict, args, size) -> int:
+    """Print what ``kd: auto`` chooses for the option file's two networks."""
+    import torch
+
+    from krdistill.pairing import auto_pairs, format_pairs
+    missing = [k for k in ('network_t', 'network_g') if k not in opt]
+    if missing:
+        print(f'error: --pairs needs network_t and network_g; {args.opt} has no {missing}', file=sys.stderr)
+        return 1
+    kd = opt.get('kd') if isinstance(opt.get('kd'), dict) else {}
+    points = args.pairs or int(kd.get('points', 1))
+    in_ch = args.in_ch or network_in_channels(opt['network_g'])
+    lq = torch.rand(1, in_ch, size[0], size[1], generator=torch.Generator().manual_seed(0))
+    try:
+        pairs = auto_pairs(build_from_opt(opt, 'network_t'), build_from_opt(opt, 'network_g'), points, lq)
+    except ValueError as e:
+        print(f'error: {e}', file=sys.stderr)
+        return 1
+    print(f'kd: auto, {points} point(s), input 1 x {in_ch} x {size[0]} x {size[1]} (teacher -> student):')
+    print(format_pairs(pairs))
+    return 0
 
 
 def main(argv=None) -> int:
@@ -175,6 +201,8 @@ def main(argv=None) -> int:
     size = (args.size[0], args.size[-1])
     with open(args.opt) as f:
         opt = yaml.safe_load(f)
+    if args.pairs is not None:
+        return print_pairs(opt, args, size)
     nets = args.net or [k for k in NETWORK_KEYS if k in opt]
     missing = [k for k in nets if k not in opt]
     if not nets or missing:

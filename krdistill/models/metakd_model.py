@@ -74,6 +74,7 @@ class MetaKDModel(TeacherStudentModel):
         ds_opt = copy.deepcopy(ds_opt)
         ds_opt['phase'] = 'train'  # random crops and flips, like the training set
         ds_opt.setdefault('name', 'meta')
+        ds_opt.setdefault('options_key', 'meta.dataset')  # errors name this block, not datasets.train
         ds_opt.setdefault('scale', self.opt['scale'])
         train_ds = self.opt['datasets'].get('train', {})
         for k in ('gt_size', 'use_hflip', 'use_rot', 'num_worker_per_gpu', 'batch_size_per_gpu'):
