@@ -28,4 +28,4 @@ test: setup
 	$(PY) -m pytest -q tests
 
 clean-demo:
-	rm -rf datasets/krdistill_demo experiments/demo_* results/demo_*
+	rm -rf datasets/krdistill_demo experiments/demo_* results/krdistill_demo tb_logger/demo_*

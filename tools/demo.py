@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Demo: tiny teacher, student alone and distilled students on scikit-image's sample images.
 
-    python tools/demo.py [--root .] [--total-iter N]
+    python tools/demo.py [--root .] [--total-iter N] [--verbose]
 
 The logic lives in ``tools/krbench/demo.py``.
 """
