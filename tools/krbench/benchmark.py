@@ -58,7 +58,8 @@ __all__ = ['load_config', 'build_net', 'method_options', 'build_method', 'run_jo
 METHOD_LABELS = {
     'bicubic': 'bicubic', 'teacher': 'teacher', 'student_alone': 'student alone', 'output_kd': 'output KD',
     'fitnet': 'FitNet', 'at': 'AT', 'fakd': 'FAKD', 'metakd_exact': 'MetaKD (exact)',
-    'metakd_fd': 'MetaKD (finite difference)', 'fitnet_out': 'FitNet + output KD'
+    'metakd_fd': 'MetaKD (finite difference)', 'fitnet_out': 'FitNet + output KD',
+    'metakd_frozen': 'MetaKD frozen at init', 'metakd_v1': 'MetaKD, first version (gain, Adam-preconditioned)'
 }
 HANDCRAFTED = ('output_kd', 'fitnet', 'at', 'fakd', 'fitnet_out')
 
