@@ -48,9 +48,10 @@ SCHEDULERS = {
 }
 #: losses that would download weights when built (VGG); only their type is checked
 NO_BUILD_LOSSES = ('PerceptualLoss', )
-META_KEYS = {'every', 'mode', 'inner_lr', 'precond', 'update', 'fd_eps', 'adapters'}
+META_KEYS = {'every', 'mode', 'inner_lr', 'precond', 'update', 'fd_eps', 'adapters', 'virtual_step'}
 META_CHOICES = {'mode': ('exact', 'finite_difference'), 'precond': ('none', 'adam'),
-                'update': ('meta', 'joint', 'frozen'), 'adapters': ('meta', 'joint', 'student')}
+                'update': ('meta', 'joint', 'frozen'), 'adapters': ('meta', 'joint', 'student'),
+                'virtual_step': ('plain', 'optimizer')}
 #: KRNet channels used when a file has no distillation points to read them from
 DUMMY_CHANNELS = 64
 
@@ -116,8 +117,20 @@ def is_train(opt: dict) -> bool:
     return 'train' in opt
 
 
-def kd_lists(opt: dict) -> tuple[list[str], list[str]]:
+def kd_block(opt: dict) -> dict:
+    """The ``kd`` block as a mapping (``kd: auto`` is ``{auto: true}``)."""
     kd = opt.get('kd') or {}
+    return {'auto': True} if kd == 'auto' else kd
+
+
+def kd_lists(opt: dict) -> tuple[list[str], list[str]]:
+    """Teacher and student point names; for ``kd: auto`` those :func:`krdistill.pairing.auto_pairs` chooses."""
+    kd = kd_block(opt)
+    if isinstance(kd, dict) and kd.get('auto'):
+        from krdistill.pairing import auto_pairs
+        pairs = auto_pairs(build(opt['network_t'], 'network_t'), build(opt['network_g'], 'network_g'),
+                           kd.get('points', 1))
+        return [p[0] for p in pairs], [p[1] for p in pairs]
     t, s = kd.get('teacher_layers') or [], kd.get('student_layers') or []
     return ([t] if isinstance(t, str) else list(t)), ([s] if isinstance(s, str) else list(s))
 
@@ -347,10 +360,10 @@ def test_distillation_points_exist(path):
     opt = load(path)
     if not uses_teacher(opt):
         return
-    kd = opt.get('kd') or {}
-    assert isinstance(kd, dict), 'kd: must be a mapping'
-    allowed = getattr(model_class(opt), 'kd_keys', KD_KEYS)
-    assert set(kd) <= set(allowed), f'kd: unknown key(s) {sorted(set(kd) - set(allowed))}; allowed: {list(allowed)}'
+    kd = kd_block(opt)
+    assert isinstance(kd, dict), 'kd: must be "auto" or a mapping'
+    allowed = {'auto', 'points'} if kd.get('auto') else set(getattr(model_class(opt), 'kd_keys', KD_KEYS))
+    assert set(kd) <= allowed, f'kd: unknown key(s) {sorted(set(kd) - allowed)}; allowed: {sorted(allowed)}'
     t_layers, s_layers = kd_lists(opt)
     assert len(t_layers) == len(s_layers), (f'kd.teacher_layers ({len(t_layers)}) and kd.student_layers '
                                             f'({len(s_layers)}) must pair up one to one')
