@@ -17,11 +17,13 @@ OPTIONS = Path(__file__).resolve().parents[1] / 'options' / 'demo'
 
 @pytest.fixture(scope='module')
 def quick(tmp_path_factory):
-    """``tools/demo.py --root <tmp> --total-iter 2``, once for the module: (root, printed lines)."""
+    """``tools/demo.py --root <tmp> --total-iter 2``, once for the module: (root, lines printed on
+    stdout and stderr)."""
     root = tmp_path_factory.mktemp('demo')
     mp = pytest.MonkeyPatch()
     out = io.StringIO()
     mp.setattr('sys.stdout', out)
+    mp.setattr('sys.stderr', out)  # BasicSR's console handler writes to stderr
     try:
         demo.main(['--root', str(root), '--total-iter', '2'])
     finally:

@@ -337,7 +337,7 @@ def crops_figure(rows: list[dict], size: int = CROP_SIZE, zoom: int = CROP_ZOOM)
             if img.shape != hr.shape:
                 raise ValueError(f'{row["name"]}, {label}: image {img.shape} is not the HR size {hr.shape}')
             crop = cv2.resize(img[y:y + size, x:x + size], (cell, cell), interpolation=cv2.INTER_NEAREST)
-            second = f'{psnr:.2f} dB' if psnr is not None else f'{row["name"]} @ y{y} x{x}'
+            second = f'Y-PSNR {psnr:.2f} dB' if psnr is not None else f'{row["name"]} @ y{y} x{x}'
             tile = np.concatenate([_label(cell, [label, second]), crop], axis=0)
             tiles.append(np.pad(tile, ((0, CROP_GAP), (0, CROP_GAP), (0, 0))))
         out.append(np.concatenate(tiles, axis=1))
