@@ -177,7 +177,8 @@ def probe_pairs(teacher: nn.Module, student: nn.Module, teacher_layers: Sequence
     if example_input is None:
         gen = torch.Generator().manual_seed(0)  # leave the caller's RNG stream alone
         example_input = torch.rand(1, _first_in_channels(student), 16, 16, generator=gen)
-    example_input = example_input.to(device)
+    param = next(iter(unwrap(student).parameters()), None)
+    example_input = example_input.to(device, param.dtype if param is not None and param.is_floating_point() else None)
     out_t, shapes_t = probe(teacher, teacher_layers, example_input, key=keys['teacher_layers'])
     out_s, shapes_s = probe(student, student_layers, example_input, key=keys['student_layers'])
     if out_t[-2:] != out_s[-2:]:

@@ -275,11 +275,13 @@ class Distiller(nn.Module):
             bad = [k for k, v in terms.items() if not all_finite([v])]
             skipped = f'non-finite student loss ({", ".join(bad) or "l_total"})'
         else:
+            pending = self._before_backward(total)
             self.backward(total, optimizer)
             if all_finite([p.grad for p in self.grad_inputs()]):
                 optimizer.step()
                 if extra_optimizer is not None:
                     extra_optimizer.step()
+                self._after_step(optimizer, pending)
             else:
                 skipped = 'non-finite student gradients'
         if skipped is not None:
@@ -287,6 +289,14 @@ class Distiller(nn.Module):
             if extra_optimizer is not None:
                 extra_optimizer.zero_grad(set_to_none=True)
         return StepResult(logs, skipped, sr.detach())
+
+    def _before_backward(self, total: torch.Tensor):
+        """Subclass hook: called with the finite student objective before its backward (its graph
+        is still there); what it returns is passed to :meth:`_after_step`. Default: nothing."""
+        return None
+
+    def _after_step(self, optimizer, pending) -> None:
+        """Subclass hook: called after the student step was taken. Default: nothing."""
 
     def train_step(self, lq: torch.Tensor, gt: torch.Tensor, optimizer, *, teacher: TeacherOutput | None = None,
                    it: int | None = None) -> StepResult:

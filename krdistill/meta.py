@@ -59,7 +59,7 @@ from torch import Tensor, nn
 from .features import unwrap
 
 __all__ = ['virtual_step', 'meta_gradient', 'adam_preconditioner', 'student_params', 'optimizer_step', 'grads_or_zeros',
-           'SUPPORTED_OPTIMIZERS']
+           'SUPPORTED_OPTIMIZERS', 'HorizonTrace']
 
 ParamDict = dict[str, Tensor]
 Loss = Callable[[ParamDict], Tensor]
@@ -231,7 +231,9 @@ def optimizer_step(optimizer: torch.optim.Optimizer,
                 v = (1 - b2) * g * g if plan['v'] is None else b2 * plan['v'] + (1 - b2) * g * g
                 if plan['amsgrad']:
                     v = v if plan['vmax'] is None else torch.maximum(plan['vmax'], v)
-                denom = v.sqrt() / math.sqrt(1 - b2**t) + plan['eps']
+                # clamp: where v = 0 (g = 0 on the first step) sqrt has an infinite derivative and the
+                # meta gradient would be NaN; the value changes by < 1e-19, the step there is 0 anyway
+                denom = v.clamp_min(torch.finfo(v.dtype).tiny).sqrt() / math.sqrt(1 - b2**t) + plan['eps']
                 out[name] = base - (lr / (1 - b1**t)) * m / denom
             else:
                 if wd != 0:
@@ -413,3 +415,135 @@ def _finite_difference(params, names, student_loss, meta_loss, kr_params, lr, pr
         side.append(grads_or_zeros(_check_scalar(student_loss(shifted), 'student_loss'), kr_params))
     grads = [(scale / (2 * eps)) * (gp - gm) for gp, gm in zip(*side)]
     return [x.detach() for x in grads], {'l_student': l_s.detach(), 'l_meta': l_m.detach(), 'fd_step': eps.detach()}
+
+
+# ============================================================================ long-horizon credit
+class HorizonTrace:
+    r"""Online hypergradients of a few loss-weight scalars through the student's real optimizer
+    trajectory (the ``meta.objective: horizon`` of :class:`~krdistill.metakd.MetaKD`).
+
+    With student objective ``L_S = ... + sum_k lambda_k L_k``, forward-mode tangents follow
+    ``d theta_t / d lambda_k`` (``z_k``) and the optimizer state's (Adam: ``d m / d lambda_k``,
+    ``d v / d lambda_k``; SGD: the momentum buffer's) along the steps the optimizer really takes.
+    Dropped: the Hessian of ``L_S`` (the gradient's tangent is taken as ``g_k = grad_theta L_k``,
+    not ``g_k + H z_k``), so the error grows with the step size and the horizon. Kept: momentum,
+    bias corrections and Adam's normalisation (a term whose gradient is parallel to the rest moves
+    Adam's step little, and the trace knows it). A forgetting factor ``decay`` gives an effective
+    horizon of ``1 / (1 - decay)`` steps (the weights move; old steps say less about the current
+    ones). Adam, with ``g`` the full gradient of the step and ``m, v`` its moments after it:
+
+    .. math::
+        \dot m \leftarrow \beta_1 \dot m + (1-\beta_1) g_k, \quad
+        \dot v \leftarrow \beta_2 \dot v + 2 (1-\beta_2)\, g\, g_k, \quad
+        z_k \leftarrow \mathrm{decay}\, z_k - \frac{lr_t}{1-\beta_1^t}
+        \Big(\frac{\dot m}{d} - \frac{m\, \dot d}{d^2}\Big), \quad
+        d = \sqrt{v / (1-\beta_2^t)} + \epsilon
+
+    (SGD: ``u_k <- mu u_k + (1 - dampening) g_k``, ``z_k <- decay z_k - lr (g_k + mu u_k | u_k)``).
+    The hypergradient of a meta loss at the current parameters is
+    ``d L_meta / d lambda_k = <grad_theta L_meta(theta_t), z_k>``: the credit of term ``k`` over the
+    last ~``1 / (1 - decay)`` steps, where the one-step objective sees only the next one.
+    ``tests/test_meta_objective.py``: exact for SGD on objectives linear in ``theta``; through a
+    nonlinear student's Adam trajectory, close to finite differences at small steps, the error
+    growing with the step (the Hessian).
+
+    Args:
+        names: the student parameter names (as in ``named_parameters()`` of the bare student).
+        num: number of scalars ``lambda``.
+        decay: forgetting factor in ``[0, 1]``.
+    """
+
+    def __init__(self, names: Sequence[str], num: int, decay: float):
+        self.names = list(names)
+        self.num = int(num)
+        self.decay = float(decay)
+        self.u: list[dict[str, Tensor]] = [{} for _ in range(self.num)]  # d m / d lambda (SGD: d buf)
+        self.w: list[dict[str, Tensor]] = [{} for _ in range(self.num)]  # d v / d lambda (Adam)
+        self.z: list[dict[str, Tensor]] = [{} for _ in range(self.num)]  # d theta / d lambda
+
+    @torch.no_grad()
+    def update(self, optimizer: torch.optim.Optimizer, named_params: Mapping[str, Tensor],
+               term_grads: Sequence[Mapping[str, Tensor]] | None, key: str = 'meta.objective',
+               scale: float = 1.0) -> None:
+        """After ``optimizer.step()``: advance the traces with the step just taken.
+
+        ``term_grads[k]``: ``{name: grad_theta L_k}`` at the parameters before the step, times
+        ``scale`` (None: not computed at this step, taken as 0; with ``term_grads`` computed every
+        ``r``-th step and ``scale = r`` the traces are an unbiased subsample); the step's full
+        gradient is read from ``.grad`` (still set after the step).
+        """
+        if not isinstance(optimizer, SUPPORTED_OPTIMIZERS):
+            raise NotImplementedError(f'{key}: horizon follows the steps of '
+                                      f'{[c.__name__ for c in SUPPORTED_OPTIMIZERS]}, not {type(optimizer).__name__}')
+        group_of = {id(p): g for g in optimizer.param_groups for p in g['params']}
+        for name in self.names:
+            p = named_params[name]
+            group = group_of.get(id(p))
+            state = optimizer.state.get(p, {})
+            is_adam = isinstance(optimizer, torch.optim.Adam)
+            if group is None or (is_adam and not state) or (not is_adam and p.grad is None):
+                continue  # not stepped
+            lr = _value(group['lr'])
+            sign = -1.0 if group.get('maximize', False) else 1.0
+            if is_adam:
+                b1, b2 = (_value(b) for b in group['betas'])
+                t = _value(state['step'])
+                m, v = state['exp_avg'], state['exp_avg_sq']  # (amsgrad: the max is taken as constant)
+                vv = state['max_exp_avg_sq'] if group.get('amsgrad', False) else v
+                bc2 = 1 - b2**t
+                root = (vv / bc2).clamp_min(torch.finfo(vv.dtype).tiny).sqrt()
+                denom = root + group['eps']
+                lr_bc = lr / (1 - b1**t)
+                g_full = sign * p.grad if p.grad is not None else torch.zeros_like(p)
+                if group.get('weight_decay', 0) and not group.get('decoupled_weight_decay',
+                                                                  isinstance(optimizer, torch.optim.AdamW)):
+                    g_full = g_full + group['weight_decay'] * p  # (approximately: p is after the step)
+            else:
+                b1 = float(group.get('momentum', 0.0))
+            for k in range(self.num):
+                g = term_grads[k].get(name) if term_grads is not None else None
+                g = torch.zeros_like(p) if g is None else (sign * scale) * g
+                u_old, z_old = self.u[k].get(name), self.z[k].get(name)
+                if is_adam:
+                    u = (1 - b1) * g if u_old is None else b1 * u_old + (1 - b1) * g
+                    w_old = self.w[k].get(name)
+                    w = 2 * (1 - b2) * g_full * g if w_old is None else b2 * w_old + 2 * (1 - b2) * g_full * g
+                    if group.get('amsgrad', False):
+                        w = torch.where(vv > v, torch.zeros_like(w), w)
+                    self.w[k][name] = w
+                    d_denom = (w / bc2) / (2 * root)
+                    dz = -lr_bc * (u / denom - m * d_denom / denom**2)
+                else:
+                    damp = float(group.get('dampening', 0.0))
+                    if b1 == 0:
+                        u, d = g, g
+                    else:
+                        u = g.clone() if u_old is None else b1 * u_old + (1 - damp) * g
+                        d = g + b1 * u if group.get('nesterov', False) else u
+                    dz = -lr * d
+                self.u[k][name] = u
+                self.z[k][name] = dz if z_old is None else self.decay * z_old + dz
+
+    def hypergradient(self, meta_grads: Mapping[str, Tensor]) -> Tensor:
+        """``[<meta_grads, z_k>]_k``: a ``num`` vector (0 before the first step)."""
+        out = []
+        for k in range(self.num):
+            acc = torch.zeros((), dtype=torch.float64)
+            for name, z in self.z[k].items():
+                g = meta_grads.get(name)
+                if g is not None:
+                    acc = acc + (g.double() * z.double()).sum().cpu()
+            out.append(acc)
+        return torch.stack(out) if out else torch.zeros(0, dtype=torch.float64)
+
+    def state_dict(self) -> dict:
+        def cpu(traces):
+            return [{n: t.detach().cpu().clone() for n, t in d.items()} for d in traces]
+        return {'decay': self.decay, 'u': cpu(self.u), 'w': cpu(self.w), 'z': cpu(self.z)}
+
+    def load_state_dict(self, state: Mapping, device=None) -> None:
+        if len(state['z']) != self.num:
+            raise ValueError(f'HorizonTrace: the state has {len(state["z"])} traces, this run has {self.num}')
+        self.u = [{n: t.to(device) for n, t in d.items()} for d in state['u']]
+        self.w = [{n: t.to(device) for n, t in d.items()} for d in state.get('w', [{}] * self.num)]
+        self.z = [{n: t.to(device) for n, t in d.items()} for d in state['z']]

@@ -38,15 +38,17 @@ from .distiller import (Distiller, StepResult, TeacherOutput, all_finite, averag
                         world_size)
 from .features import unwrap
 from .losses.texture_loss import TextureWiseLoss
-from .meta import adam_preconditioner, meta_gradient, optimizer_step
+from .meta import HorizonTrace, adam_preconditioner, meta_gradient, optimizer_step
 
 __all__ = ['MetaKD', 'KRTextureTerm', 'META_DEFAULTS', 'check_meta_options', 'check_number', 'texture_stats']
 
 #: the ``meta:`` block of an option file, with the design's defaults (``dataset``: BasicSR only)
 META_DEFAULTS = dict(every=1, mode='exact', inner_lr=None, precond='none', update='meta', fd_eps=1e-3,
-                     adapters='meta', virtual_step='plain')
+                     adapters='meta', virtual_step='plain', teacher_weight=0.0, objective='one_step',
+                     horizon_decay=0.99, horizon_stride=1)
 _CHOICES = dict(mode=('exact', 'finite_difference'), precond=('none', 'adam'), update=('meta', 'joint', 'frozen'),
-                adapters=('meta', 'joint', 'student'), virtual_step=('plain', 'optimizer'))
+                adapters=('meta', 'joint', 'student'), virtual_step=('plain', 'optimizer'),
+                objective=('one_step', 'horizon'))
 
 
 def _number_error(key: str, value: Any, what: str) -> ValueError:
@@ -88,6 +90,12 @@ def check_meta_options(meta: Mapping | None, key: str = 'meta', extra_keys: Sequ
     if out['inner_lr'] is not None:
         check_number(out['inner_lr'], f'{key}.inner_lr (null: the student\'s current lr)', minimum=0, exclusive=True)
     check_number(out['fd_eps'], f'{key}.fd_eps', minimum=0, exclusive=True)
+    check_number(out['teacher_weight'], f'{key}.teacher_weight', minimum=0)
+    check_number(out['horizon_decay'], f'{key}.horizon_decay', minimum=0)
+    check_number(out['horizon_stride'], f'{key}.horizon_stride', minimum=1, integer=True)
+    if out['horizon_decay'] > 1:
+        raise ValueError(f'{key}.horizon_decay: must be in [0, 1] (1 / (1 - decay) steps of memory), '
+                         f'got {out["horizon_decay"]!r}')
     if out['virtual_step'] == 'optimizer' and (out['precond'] != 'none' or out['inner_lr'] is not None):
         raise ValueError(f'{key}.virtual_step: optimizer takes the student optimizer\'s own step (its lr, momentum '
                          f'and preconditioning); leave {key}.precond at none and {key}.inner_lr at null')
@@ -150,6 +158,10 @@ class MetaKD(Distiller):
             (``adapter_s``, ``adapter_t``) are trained: like the rest of the KRNet (``meta``), on the
             student objective at every iteration like a FitNet regressor (``joint``: both;
             ``student``: only ``adapter_s``). They are stepped by the KRNets' optimizer.
+            ``teacher_weight`` (gamma, default 0): the meta objective becomes
+            ``L_pix(S_theta'(x_m), y_m) + gamma * L1(S_theta'(x_m), T(x_m))``, agreement with the
+            teacher's output on the meta batch beside the ground truth (the teacher output of the
+            previous batch is kept from its step; with ``meta_data`` the teacher runs on the meta batch).
         meta_data: optional iterable of meta batches, ``(lq, gt)`` pairs or mappings with ``lq`` /
             ``gt`` (a held-out split), cycled. Without it the meta batch is the previous training
             batch whose step was taken (the current one at the first iteration).
@@ -171,9 +183,19 @@ class MetaKD(Distiller):
                          keys=keys)
         self.krnets = nn.ModuleList(krnets)
         self.meta = check_meta_options(meta)
+        self._horizon = None
+        if self.meta['objective'] == 'horizon' and self.meta['update'] == 'meta':
+            if not self.branch_weights():
+                raise ValueError('meta.objective: horizon meta-learns the branch weights of KRNets built with '
+                                 'network_kr.fitnet_branch: true (b_tex, and b_fit unless learn_fitnet_weight is '
+                                 'false); these KRNets have none')
+            names = [n for n, p in unwrap(student).named_parameters() if p.requires_grad]
+            self._horizon = HorizonTrace(names, len(self.branch_weights()), self.meta['horizon_decay'])
+        self._horizon_steps = 0  # student steps seen by the horizon traces (the stride's phase)
         self.set_meta_data(meta_data)
         self._calls = 0          # train_step calls: the iteration when no `it` is given
         self._last_batch = None  # (lq, gt) of the last iteration whose steps were all taken
+        self._last_out_t = None  # its teacher output (kept for meta.teacher_weight > 0)
 
     # ------------------------------------------------------------------ parameters
     def kr_parameters(self) -> list[nn.Parameter]:
@@ -211,6 +233,22 @@ class MetaKD(Distiller):
         joint = {id(p) for p in self.joint_kr_parameters()}
         return [p for p in self.kr_parameters() if id(p) not in joint]
 
+    def branch_weights(self) -> list[tuple[str, nn.Parameter]]:
+        """The learned branch weights of FitNet-branch KRNets, ``(log name, parameter)``:
+        ``kr<i>_b_tex`` and (when learned) ``kr<i>_b_fit``."""
+        out = []
+        for i, kr in enumerate(self.krnets):
+            if getattr(kr, 'fitnet_branch', False):
+                out += [(f'kr{i}_b_{tag}', p) for tag, p in (('tex', kr.texture_weight), ('fit', kr.fitnet_weight))
+                        if p.requires_grad]
+        return out
+
+    def one_step_parameters(self) -> list[nn.Parameter]:
+        """The meta-learned KRNet parameters the one-step meta gradient trains: all of
+        :meth:`meta_kr_parameters`, less the branch weights under ``meta.objective: horizon``."""
+        lams = {id(p) for _, p in self.branch_weights()} if self._horizon is not None else set()
+        return [p for p in self.meta_kr_parameters() if id(p) not in lams]
+
     # ------------------------------------------------------------------ meta batches
     def set_meta_data(self, meta_data: Iterable | None) -> None:
         """Draw meta batches from ``meta_data`` (cycled), or from the previous batch when None."""
@@ -241,11 +279,14 @@ class MetaKD(Distiller):
         return float(unwrap_optimizer(student_optimizer).param_groups[0]['lr'])
 
     def meta_grad(self, lq: torch.Tensor, gt: torch.Tensor, lq_meta: torch.Tensor, gt_meta: torch.Tensor,
-                  teacher: TeacherOutput | None = None, student_optimizer=None) -> 'OrderedDict[str, torch.Tensor]':
+                  teacher: TeacherOutput | None = None, student_optimizer=None,
+                  out_t_meta: torch.Tensor | None = None) -> 'OrderedDict[str, torch.Tensor]':
         """Set ``.grad`` of :meth:`meta_kr_parameters` to ``d L_meta(theta'(phi)) / d phi``.
 
         ``theta' = theta - alpha * grad_theta L_S(theta, phi)`` on ``(lq, gt)`` (Adam-preconditioned
-        with ``meta.precond: adam``); ``L_meta = L_pix(S_theta'(lq_meta), gt_meta)``. The student
+        with ``meta.precond: adam``); ``L_meta = L_pix(S_theta'(lq_meta), gt_meta)`` [``+ gamma *
+        L1(S_theta'(lq_meta), out_t_meta)`` with ``meta.teacher_weight`` gamma > 0; ``out_t_meta``
+        default: the teacher's output on ``lq_meta``]. The student
         is not changed. Under ``torch.distributed`` the virtual step uses the global-batch gradient
         and the KRNet gradients are averaged over ranks. The caller steps the KRNet optimizer.
         Returns detached scalars ``l_meta``, ``meta_grad_norm``, ``t_meta`` (seconds).
@@ -258,18 +299,35 @@ class MetaKD(Distiller):
             if student_optimizer is None:
                 raise ValueError('meta.precond: adam needs the student optimizer')
             precond = adam_preconditioner(unwrap_optimizer(student_optimizer), bare.named_parameters())
-        kr_params = self.meta_kr_parameters()
+        kr_params = self.one_step_parameters()
         step_fn = None
         if self.meta['virtual_step'] == 'optimizer':
             if student_optimizer is None:
                 raise ValueError('meta.virtual_step: optimizer needs the student optimizer')
             step_fn = optimizer_step(unwrap_optimizer(student_optimizer), bare.named_parameters())
 
+        probe = self._horizon is not None  # kernels: the meta gradient of the texture term at unit weight
+
         def student_loss(params):
-            return self.loss(lq, gt, teacher, params)[0]
+            for kr in self.krnets:
+                if getattr(kr, 'fitnet_branch', False):
+                    kr.texture_probe = probe
+            try:
+                return self.loss(lq, gt, teacher, params)[0]
+            finally:
+                for kr in self.krnets:
+                    if getattr(kr, 'fitnet_branch', False):
+                        kr.texture_probe = False
+
+        gamma = float(self.meta['teacher_weight'])
+        if gamma > 0 and out_t_meta is None:
+            if self.teacher is None:
+                raise ValueError('meta.teacher_weight > 0 needs a teacher')
+            with torch.no_grad():
+                out_t_meta = self.teacher.eval()(lq_meta)
 
         def meta_loss(params):
-            return self.pixel_loss(functional_call(bare, params, (lq_meta,)), gt_meta)
+            return self._meta_loss_value(functional_call(bare, params, (lq_meta,)), gt_meta, out_t_meta)
 
         distributed = world_size() > 1
         lr = self.inner_lr(student_optimizer) if step_fn is None else 0.0
@@ -281,6 +339,68 @@ class MetaKD(Distiller):
             p.grad = g
         return OrderedDict(l_meta=info['l_meta'], meta_grad_norm=info['grad_norm'],
                            t_meta=torch.tensor(time.perf_counter() - t0))
+
+    # ------------------------------------------------------------------ long-horizon credit
+    def _meta_loss_value(self, sr: torch.Tensor, gt_meta: torch.Tensor, out_t_meta: torch.Tensor | None):
+        loss = self.pixel_loss(sr, gt_meta)
+        gamma = float(self.meta['teacher_weight'])
+        if gamma > 0:
+            loss = loss + gamma * torch.nn.functional.l1_loss(sr, out_t_meta)
+        return loss
+
+    def horizon_grad(self, lq_meta: torch.Tensor, gt_meta: torch.Tensor,
+                     out_t_meta: torch.Tensor | None = None) -> 'OrderedDict[str, torch.Tensor]':
+        """``meta.objective: horizon``: set ``.grad`` of :meth:`branch_weights` to their online
+        hypergradients ``<grad_theta L_meta(theta_t), z_k>`` (:class:`~krdistill.meta.HorizonTrace`),
+        ``L_meta`` at the student's current parameters on ``(lq_meta, gt_meta)`` (the same meta loss
+        as the one-step objective, teacher term included). Returns ``l_meta_horizon`` and, per weight,
+        ``<name>_credit`` (``-`` the hypergradient: > 0 means the term helped over the horizon)."""
+        if self._horizon is None:
+            raise RuntimeError('MetaKD.horizon_grad: meta.objective is not horizon')
+        if self.meta['teacher_weight'] > 0 and out_t_meta is None:
+            with torch.no_grad():
+                out_t_meta = self.teacher.eval()(lq_meta)
+        bare = unwrap(self.student)
+        named = [(n, p) for n, p in bare.named_parameters() if p.requires_grad]
+        loss = self._meta_loss_value(bare(lq_meta), gt_meta, out_t_meta)
+        grads = torch.autograd.grad(loss, [p for _, p in named], allow_unused=True)
+        grads = [torch.zeros_like(p) if g is None else g for (_, p), g in zip(named, grads)]
+        average_over_ranks(grads)
+        hyper = self._horizon.hypergradient({n: g for (n, _), g in zip(named, grads)})
+        out = OrderedDict(l_meta_horizon=loss.detach())
+        for (name, p), h in zip(self.branch_weights(), hyper):
+            p.grad = h.to(device=p.device, dtype=p.dtype).reshape(p.shape)
+            out[f'{name}_credit'] = -h.detach().float()
+        return out
+
+    def _before_backward(self, total: torch.Tensor):
+        """Under ``meta.objective: horizon``: ``grad_theta`` of each branch's term (``d L_S /
+        d lambda_k``), for the trace of the step about to be taken."""
+        if self._horizon is None or not torch.is_grad_enabled():
+            return None
+        self._horizon_steps += 1
+        stride = int(self.meta['horizon_stride'])
+        if (self._horizon_steps - 1) % stride:
+            return {'grads': None, 'scale': 0.0}  # not sampled at this step: the traces still advance
+        lams = [p for _, p in self.branch_weights()]
+        named = [(n, p) for n, p in unwrap(self.student).named_parameters() if p.requires_grad]
+        terms = torch.autograd.grad(total, lams, create_graph=True, allow_unused=True)
+        out = []
+        for a in terms:
+            if a is None or not a.requires_grad:
+                out.append({})
+                continue
+            g = torch.autograd.grad(a, [p for _, p in named], retain_graph=True, allow_unused=True)
+            g = [x for x in g]
+            average_over_ranks([x for x in g if x is not None])
+            out.append({n: x.detach() for (n, _), x in zip(named, g) if x is not None})
+        return {'grads': out, 'scale': float(stride)}
+
+    def _after_step(self, optimizer, pending) -> None:
+        if pending is not None and self._horizon is not None:
+            bare = unwrap(self.student)
+            self._horizon.update(unwrap_optimizer(optimizer), dict(bare.named_parameters()), pending['grads'],
+                                 scale=pending['scale'])
 
     # ------------------------------------------------------------------ the iteration
     def train_step(self, lq: torch.Tensor, gt: torch.Tensor, optimizer, optimizer_kr=None, *,
@@ -310,11 +430,29 @@ class MetaKD(Distiller):
         info: 'OrderedDict[str, torch.Tensor]' = OrderedDict()
         skipped = None
         if self.is_meta_iter(it):
-            lq_m, gt_m = self.meta_batch(lq, gt)
             optimizer_kr.zero_grad(set_to_none=True)
-            info = self.meta_grad(lq, gt, lq_m, gt_m, teacher, student_optimizer=optimizer)
-            if all_finite([info['l_meta']]) and all_finite([p.grad for p in self.meta_kr_parameters()]):
+            checked = []
+            if self._horizon is not None:  # branch weights: credit over the trajectory, on an unseen batch
+                if self._meta_iter is not None:
+                    lq_h, gt_h = self.meta_batch(lq, gt)
+                    out_h = None
+                else:  # the current batch: the student has not stepped on it yet
+                    lq_h, gt_h, out_h = lq, gt, teacher[0]
+                info.update(self.horizon_grad(lq_h, gt_h, out_t_meta=out_h))
+                checked += [info['l_meta_horizon']] + [p.grad for _, p in self.branch_weights()]
+            if self.one_step_parameters():
+                lq_m, gt_m = self.meta_batch(lq, gt)
+                out_t_m = None
+                if self._meta_iter is None:  # the meta batch is a training batch: its teacher output is known
+                    out_t_m = teacher[0] if lq_m is lq else self._last_out_t
+                info.update(self.meta_grad(lq, gt, lq_m, gt_m, teacher, student_optimizer=optimizer,
+                                           out_t_meta=out_t_m))
+                checked += [info['l_meta']] + [p.grad for p in self.one_step_parameters()]
+            if all_finite(checked):
                 optimizer_kr.step()
+                with torch.no_grad():  # projected step: a branch weight below 0 would be a silent 0 that
+                    for _, p in self.branch_weights():  # has to climb back; keep it at 0, ready to rise
+                        p.clamp_(min=0)
             else:
                 skipped = 'non-finite meta loss or KRNet meta gradients'
             optimizer_kr.zero_grad(set_to_none=True)
@@ -326,6 +464,8 @@ class MetaKD(Distiller):
         step.skipped = '; '.join(s for s in (skipped, step.skipped) if s) or None
         if step.skipped is None:  # a bad batch is never the next meta batch
             self._last_batch = (lq.detach(), gt.detach())
+            keep = self.meta['teacher_weight'] > 0 and teacher[0] is not None
+            self._last_out_t = teacher[0].detach() if keep else None
         return step
 
     # ------------------------------------------------------------------ checkpoints
@@ -334,6 +474,10 @@ class MetaKD(Distiller):
         state: dict[str, Any] = {'calls': self._calls}
         if keep_batch and self._last_batch is not None:
             state['last_batch'] = [t.detach().cpu().clone() for t in self._last_batch]
+            if self._last_out_t is not None:
+                state['last_out_t'] = self._last_out_t.detach().cpu().clone()
+        if self._horizon is not None:
+            state['horizon'] = dict(self._horizon.state_dict(), steps=self._horizon_steps)
         return state
 
     def load_meta_state_dict(self, state: Mapping) -> None:
@@ -344,6 +488,12 @@ class MetaKD(Distiller):
             self._last_batch = tuple(t.to(device) for t in batch)
         else:
             self._last_batch = None
+        out_t = state.get('last_out_t')
+        self._last_out_t = out_t.to(device) if out_t is not None and self._last_batch is not None else None
+        if self._horizon is not None and state.get('horizon') is not None:
+            device = next(iter(unwrap(self.student).parameters())).device
+            self._horizon.load_state_dict(state['horizon'], device)
+            self._horizon_steps = int(state['horizon'].get('steps', 0))
 
     def training_state_dict(self) -> dict:
         """``{'krnets', 'meta_state'}``: the KRNets and the meta fallback state (tensors, numbers

@@ -25,6 +25,10 @@ class Interrupted(Exception):
 def _options(root, model_type, name):
     if model_type == 'MetaKDModel':  # meta every 2: the meta fallback batch crosses the resume
         opt = tiny_metakd_opt(root, meta=dict(every=2), total_iter=TOTAL)
+    elif model_type == 'MetaKDModel-horizon':  # the horizon traces cross the resume
+        opt = tiny_metakd_opt(root, meta=dict(every=2, objective='horizon', horizon_decay=0.9, horizon_stride=2,
+                                              virtual_step='optimizer'), total_iter=TOTAL)
+        opt['network_kr'].update(fitnet_branch=True, texture_init=0.2)
     else:
         opt = tiny_opt(root, total_iter=TOTAL, output_kd_opt=dict(type='OutputKDLoss', loss_weight=1.0),
                        kd_opt=dict(type='FitNetLoss', loss_weight=0.1))
@@ -35,7 +39,7 @@ def _options(root, model_type, name):
     return opt
 
 
-@pytest.mark.parametrize('model_type', ['MetaKDModel', 'KDSRModel'])
+@pytest.mark.parametrize('model_type', ['MetaKDModel', 'MetaKDModel-horizon', 'KDSRModel'])
 def test_resumed_losses_continue_like_uninterrupted(tmp_path, monkeypatch, model_type):
     monkeypatch.chdir(tmp_path)
     record = {}
@@ -81,6 +85,11 @@ def test_resumed_losses_continue_like_uninterrupted(tmp_path, monkeypatch, model
     b = torch.load(tmp_path / 'experiments' / 'interrupted' / 'models' / 'net_g_latest.pth', map_location='cpu')
     for k, v in a['params'].items():
         assert torch.equal(v, b['params'][k]), k
+    if model_type == 'MetaKDModel-horizon':  # what the resume restored: the traces and a moving b_tex
+        state = torch.load(tmp_path / 'experiments' / 'interrupted' / 'training_states' / '5.state',
+                           map_location='cpu', weights_only=True)
+        assert state['krdistill']['ranks'][0]['meta_state']['horizon']['z'][0]
+        assert len({round(losses['kr0_texture_gain'], 9) for _, _, losses in straight}) > 2
 
 
 def test_training_state_holds_rng_per_rank(tmp_path, monkeypatch):

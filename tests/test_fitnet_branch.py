@@ -73,3 +73,57 @@ def test_meta_step_can_turn_the_texture_branch_on_or_off(mode):
     assert kr.texture_weight.grad is None  # cleared after the step
     assert float(kr.fitnet_weight) != 1.0  # the branch weights are meta-learned
     assert kr.regressor.weight.requires_grad and kr.regressor in [m for m in kr.modules()]
+
+
+def test_branch_weight_below_zero_counts_as_zero_and_still_gets_the_meta_gradient():
+    """Straight-through clamp: a b_tex pushed below 0 gives no texture supervision, but the meta
+    gradient still reaches it (a plain clamp_min would park it there for good)."""
+    mkd, _, s1, _ = _pair(meta=dict(update='meta', mode='exact', virtual_step='optimizer'))
+    kr = mkd.krnets[0]
+    opt = torch.optim.Adam(s1.parameters(), 1e-2)
+    lq, gt = _batch(0)
+    with torch.no_grad():
+        kr.texture_weight.fill_(-0.1)
+    out = kr(*_feats(mkd, lq))
+    assert float(out['weights'].abs().max()) == 0.0  # counts as 0
+    mkd.meta_grad(lq, gt, *_batch(1), student_optimizer=opt)
+    assert kr.texture_weight.grad is not None and float(kr.texture_weight.grad.abs()) > 0
+
+
+def test_fixed_fitnet_weight_is_not_meta_learned():
+    torch.manual_seed(0)
+    teacher, student = Tiny(8, 2), Tiny(4, 1)
+    mkd = build_metakd(teacher, student, ['body.1'], ['body.0'], network_kr=dict(KR, learn_fitnet_weight=False),
+                       texture_opt=dict(type='TextureWiseLoss', loss_weight=1.0),
+                       output_kd_opt=dict(type='OutputKDLoss', loss_weight=1.0), meta=dict(update='meta'))
+    kr = mkd.krnets[0]
+    assert all(p is not kr.fitnet_weight for p in mkd.kr_parameters())
+    assert any(p is kr.texture_weight for p in mkd.meta_kr_parameters())
+    with torch.no_grad():
+        kr.texture_weight.fill_(0.5)  # away from the projection's bound, so that its meta step shows
+    opt = torch.optim.Adam(student.parameters(), 1e-2)
+    opt_kr = build_optimizer(dict(type='Adam', lr=1e-2), mkd.kr_parameters())
+    for i in range(3):
+        assert mkd.train_step(*_batch(i), opt, opt_kr).skipped is None
+    assert float(kr.fitnet_weight) == 1.0  # fixed: no optimizer holds it
+    assert float(kr.texture_weight) != 0.5  # meta-learned
+    assert 'fitnet_weight' in kr.state_dict() and 'learn_fitnet_weight=False' in repr(kr)
+
+
+def _feats(mkd, lq):
+    _, feats_t = mkd.teacher_forward(lq)
+    _, feats_s = mkd.student_forward(lq)
+    return feats_s[0], feats_t[0]
+
+
+def test_meta_step_projects_the_branch_weights_onto_nonnegative_values():
+    mkd, _, s1, _ = _pair(meta=dict(update='meta', mode='exact', virtual_step='optimizer'))
+    kr = mkd.krnets[0]
+    opt = torch.optim.Adam(s1.parameters(), 1e-2)
+    opt_kr = build_optimizer(dict(type='Adam', lr=0.5), mkd.kr_parameters())  # big steps: some go below 0
+    values = []
+    for i in range(6):
+        mkd.train_step(*_batch(i), opt, opt_kr)
+        values.append((float(kr.texture_weight.detach()), float(kr.fitnet_weight.detach())))
+    assert all(t >= 0 and f >= 0 for t, f in values)
+    assert any(t == 0.0 for t, _ in values[1:])  # a step that would have gone below 0 was projected

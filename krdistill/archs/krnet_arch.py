@@ -15,6 +15,15 @@ __all__ = ['KRNet']
 _NORMALIZE = ('rms', 'pixel', 'none')
 
 
+def _nonneg(w: Tensor) -> Tensor:
+    """Straight-through clamp at 0: the value of ``max(w, 0)``, the gradient of ``w``.
+
+    A plain ``clamp_min(0)`` has zero gradient below 0: a learned weight that starts at 0 (the
+    FitNet branch's ``b_tex``) and takes one negative meta step would never move again.
+    """
+    return w + (w.clamp_min(0) - w).detach()
+
+
 def _highpass_bank(num: int, taps: int) -> Tensor:
     """``num`` random zero-mean, unit-norm kernels of ``taps`` taps (``num x taps``).
 
@@ -129,11 +138,18 @@ class KRNet(nn.Module):
             regressor ``R`` (``Cs -> Ct``, with bias, as :class:`~krdistill.losses.kd_loss.FitNetLoss`)
             and the raw teacher feature, compared by ``TextureWiseLoss`` as
             ``b_fit * mean|R(F_s) - F_t|``; the texture weights are scaled by ``b_tex``. Both branch
-            weights are learned (clamped at 0) and start at ``b_fit = 1``, ``b_tex = texture_init``
+            weights are learned (clamped at 0 by a straight-through clamp: the value is
+            ``max(b, 0)``, the gradient that of ``b``, so a weight pushed below 0 by one noisy meta
+            step still gets the meta gradient and can come back) and start at ``b_fit = 1``, ``b_tex = texture_init``
             (default 0), so the family contains FitNet and, at initialisation, *is* FitNet: the meta
             objective has to earn every bit of texture supervision on top of it. ``R`` is a regressor
             and is trained on the student objective (like FitNet's). Excludes ``gain``. Default False.
         texture_init: initial ``b_tex`` with ``fitnet_branch``. Default 0.
+        learn_fitnet_weight: with ``fitnet_branch``, whether ``b_fit`` is learned (default True) or
+            kept at 1 (a fixed hand-crafted prior; ``False`` makes it a frozen parameter, still in the
+            state dict). No meta objective we measured credits FitNet although it helps over a run
+            (BENCHMARKS.md, credit table), so the recommended settings keep it at 1 and meta-learn
+            the texture branch.
 
     Shape:
         - feat_s: ``B x Cs x H x W`` (student feature, with gradient).
@@ -165,7 +181,8 @@ class KRNet(nn.Module):
                  gain: bool = False,
                  eps: float = 1e-6,
                  fitnet_branch: bool = False,
-                 texture_init: float = 0.0) -> None:
+                 texture_init: float = 0.0,
+                 learn_fitnet_weight: bool = True) -> None:
         super().__init__()
         if isinstance(normalize, bool):
             normalize = 'rms' if normalize else 'none'
@@ -235,6 +252,10 @@ class KRNet(nn.Module):
             self.regressor = nn.Conv2d(self.s_channels, self.t_channels, 1)
             self.fitnet_weight = nn.Parameter(torch.ones(()))
             self.texture_weight = nn.Parameter(torch.full((), float(texture_init)))
+            self.fitnet_weight.requires_grad_(bool(learn_fitnet_weight))
+        #: evaluate the texture branch at unit weight whatever b_tex is (set by MetaKD for the
+        #: kernels' one-step meta gradient while the horizon objective decides b_tex)
+        self.texture_probe = False
 
     @property
     def num_corr(self) -> int:
@@ -246,7 +267,8 @@ class KRNet(nn.Module):
                 f'num_kernels={self.num_kernels}, kernel_size={self.kernel_size}, corr_radius={self.corr_radius}, '
                 f'use_correlation={self.use_correlation}, dynamic={self.dynamic}, per_pixel={self.per_pixel}, '
                 f'hidden={self.hidden}, normalize={self.normalize!r}, gain={self.gain}, eps={self.eps:g}, '
-                f'fitnet_branch={self.fitnet_branch}')
+                f'fitnet_branch={self.fitnet_branch}' +
+                (f', learn_fitnet_weight={self.fitnet_weight.requires_grad}' if self.fitnet_branch else ''))
 
     # ----------------------------------------------------------------------------------------
     def _norm(self, p: Tensor) -> Tensor:
@@ -319,10 +341,13 @@ class KRNet(nn.Module):
             weights = weights * self.log_gain.exp()
         extra = {}
         if self.fitnet_branch:
-            weights = weights * self.texture_weight.clamp_min(0)
+            b_tex = _nonneg(self.texture_weight)
+            if self.texture_probe:  # value 1 (the gradient to b_tex is kept): see MetaKD, meta.objective: horizon
+                b_tex = b_tex - b_tex.detach() + 1.0
+            weights = weights * b_tex
             fit_t = feat_t if feat_t.shape[-2:] == (h, w) else \
                 F.interpolate(feat_t, size=(h, w), mode='bilinear', align_corners=False)
-            extra = {'fit_s': self.regressor(feat_s), 'fit_t': fit_t, 'fit_weight': self.fitnet_weight.clamp_min(0)}
+            extra = {'fit_s': self.regressor(feat_s), 'fit_t': fit_t, 'fit_weight': _nonneg(self.fitnet_weight)}
 
         # Student and teacher go through the same kernels in one pass: channels [P_s, P_t].
         both = F.pad(torch.cat([p_s, p_t], dim=1), (pad, pad, pad, pad), mode='replicate')
