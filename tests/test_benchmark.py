@@ -122,7 +122,9 @@ def _equivalence_config():
     cfg = tiny_config()
     meta = cfg['methods']['metakd_exact']['metakd']
     cfg['methods'] = {'metakd_exact': {'output_kd': 1.0, 'metakd': meta},
-                      'fitnet_out': {'output_kd': 1.0, 'pair': {'type': 'FitNetLoss', 'loss_weight': 1.0}}}
+                      'fitnet_out': {'output_kd': 1.0, 'pair': {'type': 'FitNetLoss', 'loss_weight': 1.0}},
+                      'fitnet_fastreg': {'output_kd': 1.0, 'pair': {'type': 'FitNetLoss', 'loss_weight': 1.0},
+                                         'regressor_optim': {'lr': 5e-2, 'betas': [0.5, 0.9]}}}
     cfg['ablations'] = None
     cfg['train'].update(seeds=[0], iters=4, min_iters=4, log_every=1)
     return cfg
@@ -157,7 +159,9 @@ def _plain_loop(out, cfg, method, seed=0):
                                kd_opt=dict(type='FitNetLoss', loss_weight=1.0),
                                output_kd_opt=dict(type='OutputKDLoss', loss_weight=1.0),
                                pixel_opt=dict(type='L1Loss', loss_weight=1.0))
-    opt = torch.optim.Adam(list(student.parameters()) + algo.kd_parameters(), lr=tr['lr'], betas=tuple(tr['betas']))
+    reg = dict(lr=5e-2, betas=(0.5, 0.9)) if method == 'fitnet_fastreg' else {}
+    opt = torch.optim.Adam([dict(params=list(student.parameters())), dict(params=algo.kd_parameters(), **reg)],
+                           lr=tr['lr'], betas=tuple(tr['betas']))
     scheds = [torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=tr['iters']) for o in (opt, opt_kr) if o]
     logs = []
     for it in range(1, tr['iters'] + 1):
@@ -183,8 +187,9 @@ def test_benchmark_jobs_equal_plain_loops_of_the_builders(tmp_path, data_root):
     cfg = _equivalence_config()
     out = tmp_path / 'run'
     res = bench.run(cfg, data_root, out, plot=False)
-    for method in ('metakd_exact', 'fitnet_out'):
-        run = next(r for r in res['runs'].values() if r['method'] == method)
+    runs = {}
+    for method in ('metakd_exact', 'fitnet_out', 'fitnet_fastreg'):
+        run = runs[method] = next(r for r in res['runs'].values() if r['method'] == method)
         assert run['skipped_steps'] == 0
         got, want = run['stats'], _plain_loop(out, cfg, method)
         assert [row['it'] for row in got] == [1, 2, 3, 4]
@@ -199,6 +204,10 @@ def test_benchmark_jobs_equal_plain_loops_of_the_builders(tmp_path, data_root):
         for it, (g, w) in enumerate(zip(got, want), 1):
             for k in w:
                 assert g[k] == pytest.approx(w[k], rel=1e-6, abs=1e-9), (method, it, k)
+    # regressor_optim: the regressor's own lr and betas change the run from iteration 2 on
+    fast, slow = runs['fitnet_fastreg']['stats'], runs['fitnet_out']['stats']
+    assert fast[0]['l_total'] == pytest.approx(slow[0]['l_total'], rel=1e-6)
+    assert abs(fast[3]['l_kd_fitnet'] - slow[3]['l_kd_fitnet']) > 1e-4
 
 
 def test_non_finite_steps_are_skipped_and_counted(tmp_path, data_root):
@@ -231,7 +240,24 @@ def test_method_blocks_map_onto_the_option_blocks():
     assert opts['optim_kr'] == {'type': 'Adam', 'lr': 1e-2, 'betas': [0.9, 0.999]} and opts['meta'] == {'every': 4}
     assert bench.method_options({'pair': {'type': 'ATLoss', 'loss_weight': 500}})['kd_opt'] == {
         'type': 'ATLoss', 'loss_weight': 500}
+    with pytest.raises(ValueError, match=r'methods\.x\.regressor_optim: .*needs methods\.x\.pair'):
+        bench.method_options({'regressor_optim': {'lr': 1e-2}}, 'methods.x')
+    with pytest.raises(ValueError, match=r'methods\.x\.regressor_optim'):
+        bench.method_options({'pair': {'type': 'FitNetLoss'}, 'regressor_optim': {'lr': 1e-2, 'eps': 1}}, 'methods.x')
     with pytest.raises(KeyError, match=r'methods\.x: unknown key\(s\) \[.pairs.\]'):
         bench.method_options({'pairs': {}}, 'methods.x')
     with pytest.raises(KeyError, match=r'methods\.x\.metakd: unknown key\(s\) \[.krnets.\]'):
         bench.method_options({'metakd': {'krnets': {}}}, 'methods.x')
+
+
+def test_a_changed_method_block_is_retrained_not_reused(tmp_path, data_root):
+    cfg = _equivalence_config()
+    cfg['methods'] = {'output_kd': {'output_kd': 1.0}}
+    out = tmp_path / 'run'
+    first = list(bench.run(cfg, data_root, out, plot=False)['runs'].values())[0]
+    again = list(bench.run(cfg, data_root, out, plot=False)['runs'].values())[0]
+    assert again['stats'] == first['stats']  # same block: reused
+    cfg['methods']['output_kd'] = {'output_kd': 3.0}
+    changed = list(bench.run(cfg, data_root, out, plot=False)['runs'].values())[0]
+    assert changed['method_cfg'] == {'output_kd': 3.0}
+    assert changed['stats'][-1]['l_kd_out'] != first['stats'][-1]['l_kd_out']

@@ -59,9 +59,11 @@ METHOD_LABELS = {
     'bicubic': 'bicubic', 'teacher': 'teacher', 'student_alone': 'student alone', 'output_kd': 'output KD',
     'fitnet': 'FitNet', 'at': 'AT', 'fakd': 'FAKD', 'metakd_exact': 'MetaKD (exact)',
     'metakd_fd': 'MetaKD (finite difference)', 'fitnet_out': 'FitNet + output KD',
-    'metakd_frozen': 'MetaKD frozen at init', 'metakd_v1': 'MetaKD, first version (gain, Adam-preconditioned)'
+    'metakd_frozen': 'MetaKD frozen at init', 'metakd_v1': 'MetaKD, first version (gain, Adam-preconditioned)',
+    'fitnet_out_fastreg': 'FitNet + output KD, regressor at lr 1e-2',
+    'metakd_onestep': 'MetaKD, one-step objective (v3)',
 }
-HANDCRAFTED = ('output_kd', 'fitnet', 'at', 'fakd', 'fitnet_out')
+HANDCRAFTED = ('output_kd', 'fitnet', 'at', 'fakd', 'fitnet_out', 'fitnet_out_fastreg')
 
 
 def log(*a):
@@ -293,7 +295,7 @@ def _psnr_y_only(net, pairs, scale, device='cpu') -> float:
 
 #: the student's reconstruction loss in every method (and MetaKD's meta objective)
 PIXEL_OPT = {'type': 'L1Loss', 'loss_weight': 1.0}
-_METHOD_KEYS = ('output_kd', 'pair', 'metakd')
+_METHOD_KEYS = ('output_kd', 'pair', 'metakd', 'regressor_optim')
 _METAKD_KEYS = ('krnet', 'texture_weight', 'texture', 'optim_kr', 'meta')
 
 
@@ -311,6 +313,11 @@ def method_options(mcfg: dict, key: str = 'methods.<name>') -> dict:
         raise KeyError(f'{key}: unknown key(s) {unknown}; allowed: {list(_METHOD_KEYS)}')
     if 'pair' in mcfg and 'metakd' in mcfg:
         raise ValueError(f'{key}: pair (a hand-crafted feature loss) and metakd cannot be combined')
+    if 'regressor_optim' in mcfg:
+        ro = mcfg['regressor_optim'] or {}
+        if 'pair' not in mcfg or sorted(set(ro) - {'lr', 'betas'}):
+            raise ValueError(f'{key}.regressor_optim: {{lr, betas}} of the regressors of a pair loss (Adam, its own '
+                             f'param group, cosine like the student); needs {key}.pair, got {ro!r}')
     out = {'pixel_opt': dict(PIXEL_OPT)}
     if mcfg.get('output_kd'):
         out['output_kd_opt'] = {'type': 'OutputKDLoss', 'loss_weight': float(mcfg['output_kd'])}
@@ -412,7 +419,7 @@ def run_job(spec: dict) -> dict:
     torch.set_num_threads(spec['threads'])
     run_dir = Path(spec['run_dir'])
     measure = spec.get('measure')
-    if not measure and (run_dir / 'result.json').exists():
+    if not measure and _reusable(spec):
         with open(run_dir / 'result.json') as f:
             return json.load(f)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -435,9 +442,12 @@ def run_job(spec: dict) -> dict:
     algo.to(device)
     is_meta = optim_kr is not None
     kd_params = algo.kd_parameters()  # FitNet regressors: stepped with the student (MetaKD: none)
+    # regressor_optim: the regressors in their own group (lr, betas), e.g. as fast as MetaKD's optim_kr
+    reg_group = {k: (float(v) if k == 'lr' else tuple(v))
+                 for k, v in (spec['method_cfg'].get('regressor_optim') or {}).items()}
     opt = build_optimizer({'type': 'Adam', 'lr': float(spec['lr']), 'betas': list(spec['betas'])},
-                          [dict(params=list(student.parameters()))] + ([dict(params=kd_params)] if kd_params else []),
-                          key='train')
+                          [dict(params=list(student.parameters()))] +
+                          ([dict(params=kd_params, **reg_group)] if kd_params else []), key='train')
     sched = _lr_schedule(opt, iters)
     opt_kr = build_optimizer(optim_kr, algo.kr_parameters(), key=f'methods.{spec["method"]}.metakd.optim_kr') \
         if is_meta else None
@@ -446,6 +456,8 @@ def run_job(spec: dict) -> dict:
     meta_times: list[float] = []
     if is_meta:  # the meta step's time, synchronised (instrumentation only: the algorithm is unchanged)
         algo.meta_grad = _timed(algo.meta_grad, sync, meta_times)
+        algo.horizon_grad = _timed(algo.horizon_grad, sync, meta_times)
+    meta_iters = 0  # iterations with a meta step (one-step, horizon or both)
     order = batch_order(len(hr_f), iters, batch, seed)
 
     def get(it):
@@ -484,6 +496,8 @@ def run_job(spec: dict) -> dict:
         step_times.append(t_end - ts - sum(meta_times[n_timed:]))  # the student step and the schedulers
         t_train += t_end - t0
         logs = step.logs
+        if len(meta_times) > n_timed:
+            meta_iters += 1
         if 'l_meta' in logs:
             n_meta += 1
             if n_meta % 10 == 1:
@@ -510,15 +524,16 @@ def run_job(spec: dict) -> dict:
         w = measure.get('warmup', 1)
         plain = float(np.median(step_times[w:])) if len(step_times) > w else float(np.mean(step_times))
         return dict(name=spec['name'], t_step=plain + (t_train - sum(step_times) - t_meta) / total,
-                    t_meta=(t_meta / len(meta_times)) if meta_times else 0.0, peak_mib=peak / 1024,
+                    t_meta=(t_meta / meta_iters) if meta_times else 0.0, peak_mib=peak / 1024,
                     skipped_steps=len(skipped))
     torch.save({'params': {k: v.cpu() for k, v in student.state_dict().items()}}, run_dir / 'student.pth')
     res = dict(name=spec['name'], method=spec['method'], seed=seed, iters=iters, network=spec['student_network'],
                params=sum(p.numel() for p in student.parameters()), s_per_iter=t_train / iters,
-               meta_steps=n_meta, s_per_meta_step=(t_meta / len(meta_times)) if meta_times else None,
+               meta_steps=n_meta, meta_iters=meta_iters,
+               s_per_meta_step=(t_meta / meta_iters) if meta_times else None,
                skipped_steps=len(skipped), skipped=skipped[:20],
                peak_rss_mib=peak / 1024, rss_start_mib=rss0 / 1024, curve=curve, stats=stats, meta_log=meta_log,
-               device=str(device), tests={})
+               device=str(device), tests={}, method_cfg=_as_json(spec['method_cfg']))
     if device.type == 'cuda':
         res['peak_cuda_mib'] = torch.cuda.max_memory_allocated(device) / 2**20
     for name, ts_ in spec['tests'].items():
@@ -530,6 +545,25 @@ def run_job(spec: dict) -> dict:
     os.replace(tmp, run_dir / 'result.json')
     log(f'  [{spec["name"]}] done: ' + ', '.join(f'{k} {v["psnr"]:.3f} dB' for k, v in res['tests'].items()))
     return res
+
+
+def _as_json(obj):
+    return json.loads(json.dumps(obj))
+
+
+def _reusable(spec: dict, log_fn=None) -> bool:
+    """A finished run of this name whose recorded method block is this one (runs written before
+    the block was recorded are reused as they are). A run of a changed block is retrained."""
+    path = Path(spec['run_dir']) / 'result.json'
+    if not path.exists():
+        return False
+    with open(path) as f:
+        old = json.load(f).get('method_cfg')
+    if old is None or old == _as_json(spec['method_cfg']):
+        return True
+    if log_fn is not None:
+        log_fn(f'{spec["name"]}: the method block changed since this run was trained: retraining it')
+    return False
 
 
 # ============================================================================================ plan
@@ -655,6 +689,9 @@ def run(config: str | dict, data_root, out, teacher_ckpt: str | None = None, wor
     if budget_min is not None:
         bud['minutes'] = budget_min
     if methods:
+        unknown = [m for m in methods if m not in cfg['methods']]
+        if unknown:
+            raise KeyError(f'--methods: {unknown} not in the config\'s methods {sorted(cfg["methods"])}')
         cfg['methods'] = {m: cfg['methods'][m] for m in methods}
     if seeds:
         cfg['train']['seeds'] = list(seeds)
@@ -741,7 +778,7 @@ def run(config: str | dict, data_root, out, teacher_ckpt: str | None = None, wor
     order = sorted(range(len(specs)), key=lambda i: (specs[i]['method'].startswith('abl_'), -costs[i]))
     specs = [specs[i] for i in order]
     costs = [costs[i] for i in order]
-    done_before = [i for i, s_ in enumerate(specs) if (Path(s_['run_dir']) / 'result.json').exists()]
+    done_before = [i for i, s_ in enumerate(specs) if _reusable(s_, log)]
     if done_before:
         log(f'resuming: {len(done_before)} of {len(specs)} runs already finished (reused, not retrained)')
     remaining = sum(c for i, c in enumerate(costs) if i not in done_before)
