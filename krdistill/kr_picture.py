@@ -3,7 +3,7 @@
 For one LR image and each distillation point: the N dynamic kernels with their weights, the
 student's texture maps ``T_s^n``, the teacher's guidance ``T_t^n`` and their difference, plus the
 per-texture weights over training when a history is given. Used by ``MetaKDModel`` (written every
-``logger.save_image_freq`` iterations, or ``metakd_picture_freq``) and by ``tools/kr_picture.py``.
+``logger.kr_picture_freq`` iterations, default ``logger.save_image_freq``), by ``tools/kr_picture.py`` (any image, from a run's checkpoints) and by the benchmark (``runs/<job>/kr.png``).
 """
 from __future__ import annotations
 

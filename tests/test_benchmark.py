@@ -70,6 +70,12 @@ def test_benchmark_tiny_run_and_resume(tmp_path, data_root, capsys):
     assert np.isfinite(rows['metakd_exact']['TestB_psnr']['mean'])
     assert set(data['summary']['paired']) == {'output_kd', 'fitnet', 'metakd_exact'}
     assert len(data['runs']) == 4 * 2 + 1
+    # MetaKD runs keep their KRNets and draw what they transfer, with the weights over training
+    import cv2
+    pic = cv2.imread(str(out / 'runs' / 'metakd_exact_s0_i4' / 'kr.png'))
+    assert (out / 'runs' / 'metakd_exact_s0_i4' / 'krnets.pth').is_file() and pic is not None
+    assert pic.shape[1] >= 2 * 96 and pic.shape[0] >= 5 * 96  # 2 kernels; kernel, 3 map and history rows
+    assert not (out / 'runs' / 'fitnet_s0_i4' / 'kr.png').exists()
     # same seed -> same init and batch order: the student-alone runs of two calls agree (checked below)
     run_files = sorted(out.glob('runs/*/result.json'))
     assert len(run_files) == 9

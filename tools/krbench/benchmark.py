@@ -408,6 +408,34 @@ def _kr_stats(mkd, lq, feats_t) -> dict:
     return dict(weight_entropy=ent, kernel_abs_cos=cos, texture_gain=gain)
 
 
+def _kr_picture_input(spec: dict, algo, val_pairs: list, device) -> dict | None:
+    """The first validation image (LR, at most 96 x 96 from its top-left) and the real teacher's
+    features on it, for the per-texture weights over training and the final KRNet picture."""
+    if not val_pairs or not spec.get('teacher_ckpt'):
+        return None
+    lr = val_pairs[0]['lr'][:96, :96]
+    teacher = ev.load_network(build_net(spec['teacher_network']), spec['teacher_ckpt']).to(device)
+    lq = to_float(lr[None, ..., ::-1].transpose(0, 3, 1, 2).copy(), device)
+    from krdistill.features import FeatureRecorder
+    with torch.no_grad(), FeatureRecorder(teacher, spec['teacher_layers']) as rec:
+        teacher(lq)
+        feats_t = [f.detach() for f in rec.features()]
+    return dict(lq=lq, feats_t=feats_t, history={name: [] for name in algo.student_layers})
+
+
+@torch.no_grad()
+def _kr_weights(mkd, lq, feats_t) -> dict:
+    """Per point: the KRNet's per-texture weights (branch weight included) on ``lq``."""
+    was = mkd.student.training
+    mkd.student.eval()
+    try:
+        _, feats_s = mkd.student_forward(lq)
+    finally:
+        mkd.student.train(was)
+    return {name: kr(fs, ft)['weights'][0].float().cpu().tolist()
+            for name, kr, fs, ft in zip(mkd.student_layers, mkd.krnets, feats_s, feats_t)}
+
+
 def run_job(spec: dict) -> dict:
     """Train one student for one (method, seed) and evaluate it; writes ``result.json``.
 
@@ -468,6 +496,7 @@ def run_job(spec: dict) -> dict:
         return lq, gt, (out_t, feats_t)
 
     val_pairs = [] if measure else ev.load_pairs(spec['val']['hr'], spec['scale'], spec['val'].get('lr'))
+    kr_pic = _kr_picture_input(spec, algo, val_pairs, device) if is_meta and not measure else None
     curve, stats, meta_log, skipped = [], [], [], []
     t_train = 0.0
     n_meta = 0
@@ -512,6 +541,9 @@ def run_job(spec: dict) -> dict:
             row = dict(it=it, **{k: float(v) for k, v in logs.items() if k != 't_meta'})
             if is_meta:
                 row.update(_kr_stats(algo, lq, teacher_out[1]))
+                if kr_pic is not None:
+                    for name, w in _kr_weights(algo, kr_pic['lq'], kr_pic['feats_t']).items():
+                        kr_pic['history'][name].append(w)
             stats.append(row)
         if it % spec['val_every'] == 0 or it == iters:
             curve.append(dict(it=it, psnr=_psnr_y_only(student, val_pairs, spec['scale'], device)))
@@ -527,6 +559,13 @@ def run_job(spec: dict) -> dict:
                     t_meta=(t_meta / meta_iters) if meta_times else 0.0, peak_mib=peak / 1024,
                     skipped_steps=len(skipped))
     torch.save({'params': {k: v.cpu() for k, v in student.state_dict().items()}}, run_dir / 'student.pth')
+    if is_meta:
+        torch.save({'params': {k: v.cpu() for k, v in algo.krnets.state_dict().items()}}, run_dir / 'krnets.pth')
+    if kr_pic is not None:  # what the KRNets transfer, on the first validation image (tools/kr_picture.py's picture)
+        from krdistill.io import write_image
+        from krdistill.kr_picture import draw_points
+        ev.load_network(teacher, spec['teacher_ckpt'])  # the real teacher (training used its cached outputs)
+        write_image(run_dir / 'kr.png', draw_points(algo, kr_pic['lq'], kr_pic['history']))
     res = dict(name=spec['name'], method=spec['method'], seed=seed, iters=iters, network=spec['student_network'],
                params=sum(p.numel() for p in student.parameters()), s_per_iter=t_train / iters,
                meta_steps=n_meta, meta_iters=meta_iters,
@@ -727,7 +766,7 @@ def run(config: str | dict, data_root, out, teacher_ckpt: str | None = None, wor
                     student_layers=list(cfg['kd']['student_layers']), shapes=shapes,
                     student_network=cfg['student']['network'], teacher_network=cfg['teacher']['network'],
                     tests=tests, val=val, val_every=cfg['train']['val_every'],
-                    log_every=cfg['train'].get('log_every', 100), device=device,
+                    log_every=cfg['train'].get('log_every', 100), device=device, teacher_ckpt=str(tpath),
                     run_dir=str(out / ('measure' if measure else 'runs') / name), measure=measure)
 
     abl = cfg.get('ablations') or {}
