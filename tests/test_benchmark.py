@@ -267,3 +267,19 @@ def test_a_changed_method_block_is_retrained_not_reused(tmp_path, data_root):
     changed = list(bench.run(cfg, data_root, out, plot=False)['runs'].values())[0]
     assert changed['method_cfg'] == {'output_kd': 3.0}
     assert changed['stats'][-1]['l_kd_out'] != first['stats'][-1]['l_kd_out']
+
+
+def test_horizon_runs_log_the_credit_of_their_branch_weights(tmp_path, data_root):
+    cfg = tiny_config()
+    meta = dict(krnet=dict(num_kernels=2, hidden=4, fitnet_branch=True, texture_init=0.0, learn_fitnet_weight=False),
+                texture_weight=1.0, optim_kr=dict(lr=1e-2),
+                meta=dict(every=1, mode='exact', virtual_step='optimizer', objective='horizon', horizon_stride=2))
+    cfg['methods'] = dict(metakd_hz={'output_kd': 1.0, 'metakd': meta})
+    cfg['train'].update(seeds=[0], iters=12, min_iters=12)
+    cfg['ablations'] = None
+    bench.run(cfg, data_root, tmp_path / 'run')
+    (res,) = [json.loads(p.read_text()) for p in (tmp_path / 'run').glob('runs/metakd_hz_*/result.json')]
+    logged = [r for r in res['meta_log'] if 'kr0_b_tex_credit' in r]
+    assert len(logged) == 2 and logged[1]['kr0_b_tex_credit_n'] == 10  # meta steps 1 and 11; 2-10 averaged
+    assert all(np.isfinite(r['kr0_b_tex_credit']) and r['kr0_b_tex'] >= 0 for r in logged)
+    assert 'kr0_b_fit' not in logged[0]  # b_fit is not learned here

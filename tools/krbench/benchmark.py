@@ -498,6 +498,7 @@ def run_job(spec: dict) -> dict:
     val_pairs = [] if measure else ev.load_pairs(spec['val']['hr'], spec['scale'], spec['val'].get('lr'))
     kr_pic = _kr_picture_input(spec, algo, val_pairs, device) if is_meta and not measure else None
     curve, stats, meta_log, skipped = [], [], [], []
+    credit_acc: dict[str, list[float]] = {}
     t_train = 0.0
     n_meta = 0
     reset_peak_rss()
@@ -527,10 +528,20 @@ def run_job(spec: dict) -> dict:
         logs = step.logs
         if len(meta_times) > n_timed:
             meta_iters += 1
-        if 'l_meta' in logs:
+        credits = {k: float(v) for k, v in logs.items() if k.endswith('_credit')}
+        for k, v in credits.items():  # horizon credits: every meta step, averaged over the logged window
+            credit_acc.setdefault(k, []).append(v)
+        if 'l_meta' in logs or credits:
             n_meta += 1
             if n_meta % 10 == 1:
-                meta_log.append(dict(it=it, l_meta=float(logs['l_meta']), grad_norm=float(logs['meta_grad_norm'])))
+                row = dict(it=it, l_meta=float(logs['l_meta']) if 'l_meta' in logs else None,
+                           grad_norm=float(logs['meta_grad_norm']) if 'meta_grad_norm' in logs else None)
+                row.update({k: float(np.mean(v)) for k, v in credit_acc.items()})
+                row.update({f'{k}_n': len(v) for k, v in credit_acc.items()})
+                row.update({name: float(p.detach()) for name, p in algo.branch_weights()}
+                           if hasattr(algo, 'branch_weights') else {})
+                meta_log.append(row)
+                credit_acc.clear()
         if step.skipped is not None:
             skipped.append(dict(it=it, why=step.skipped))
             if len(skipped) <= 5:
@@ -897,7 +908,7 @@ def summarize(cfg, plan, runs, ref) -> dict:
         if m != 'student_alone' and alone:
             paired[m] = {t: _ms([r['tests'][t]['psnr'] - alone[r['seed']]['tests'][t]['psnr'] for r in rs
                                  if r['seed'] in alone]) for t in tests}
-        ml = [x for r in rs for x in r.get('meta_log', [])]
+        ml = [x for r in rs for x in r.get('meta_log', []) if x.get('grad_norm') is not None]
         if ml:
             row['meta_grad_norm'] = float(np.median([x['grad_norm'] for x in ml]))
         rows.append(row)
@@ -911,8 +922,9 @@ def summarize(cfg, plan, runs, ref) -> dict:
         for k in ('weight_entropy', 'kernel_abs_cos', 'texture_gain'):
             if k in last:
                 ab[k] = float(np.mean(last[k]))
-        if r.get('meta_log'):
-            ab['meta_grad_norm'] = float(np.median([x['grad_norm'] for x in r['meta_log']]))
+        gn = [x['grad_norm'] for x in r.get('meta_log', []) if x.get('grad_norm') is not None]
+        if gn:
+            ab['meta_grad_norm'] = float(np.median(gn))
         if 'l_texture' in last:
             ab['l_texture'] = last['l_texture']
         abl_rows.append(ab)
