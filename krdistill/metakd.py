@@ -45,10 +45,10 @@ __all__ = ['MetaKD', 'KRTextureTerm', 'META_DEFAULTS', 'check_meta_options', 'ch
 #: the ``meta:`` block of an option file, with the design's defaults (``dataset``: BasicSR only)
 META_DEFAULTS = dict(every=1, mode='exact', inner_lr=None, precond='none', update='meta', fd_eps=1e-3,
                      adapters='meta', virtual_step='plain', teacher_weight=0.0, objective='one_step',
-                     horizon_decay=0.99, horizon_stride=1)
+                     horizon_decay=0.99, horizon_stride=1, horizon_terms='all')
 _CHOICES = dict(mode=('exact', 'finite_difference'), precond=('none', 'adam'), update=('meta', 'joint', 'frozen'),
                 adapters=('meta', 'joint', 'student'), virtual_step=('plain', 'optimizer'),
-                objective=('one_step', 'horizon'))
+                objective=('one_step', 'horizon'), horizon_terms=('all', 'one'))
 
 
 def _number_error(key: str, value: Any, what: str) -> ValueError:
@@ -162,6 +162,11 @@ class MetaKD(Distiller):
             ``L_pix(S_theta'(x_m), y_m) + gamma * L1(S_theta'(x_m), T(x_m))``, agreement with the
             teacher's output on the meta batch beside the ground truth (the teacher output of the
             previous batch is kept from its step; with ``meta_data`` the teacher runs on the meta batch).
+            ``objective`` (one_step | horizon): with ``horizon`` (FitNet-branch KRNets only) the branch
+            weights get online hypergradients through the student's real optimizer trajectory
+            (:class:`~krdistill.meta.HorizonTrace`; ``horizon_decay`` forgets, ``horizon_stride: r``
+            samples the branch terms' gradients every r-th step, ``horizon_terms: one`` one term per
+            sampled step in turn instead of ``all``), the rest of phi keeps the one-step gradient.
         meta_data: optional iterable of meta batches, ``(lq, gt)`` pairs or mappings with ``lq`` /
             ``gt`` (a held-out split), cycled. Without it the meta batch is the previous training
             batch whose step was taken (the current one at the first iteration).
@@ -385,13 +390,18 @@ class MetaKD(Distiller):
         lams = [p for _, p in self.branch_weights()]
         named = [(n, p) for n, p in unwrap(self.student).named_parameters() if p.requires_grad]
         terms = torch.autograd.grad(total, lams, create_graph=True, allow_unused=True)
+        # horizon_terms: one -- one branch term per sampled step, in turn, times their number: the
+        # traces stay unbiased and a sampled step costs one backward however many points there are
+        pick = None
+        if self.meta['horizon_terms'] == 'one' and len(lams) > 1:
+            pick = ((self._horizon_steps - 1) // stride) % len(lams)
         out = []
-        for a in terms:
-            if a is None or not a.requires_grad:
+        for k, a in enumerate(terms):
+            if a is None or not a.requires_grad or (pick is not None and k != pick):
                 out.append({})
                 continue
             g = torch.autograd.grad(a, [p for _, p in named], retain_graph=True, allow_unused=True)
-            g = [x for x in g]
+            g = [x if pick is None or x is None else x * len(lams) for x in g]
             average_over_ranks([x for x in g if x is not None])
             out.append({n: x.detach() for (n, _), x in zip(named, g) if x is not None})
         return {'grads': out, 'scale': float(stride)}

@@ -265,3 +265,30 @@ def test_horizon_kernels_learn_while_the_texture_branch_is_off():
         assert not kr.texture_probe
         assert float(kr(*[torch.randn(1, c, 4, 4) for c in (4, 6)])['weights'].abs().sum()) == 0.0
     assert grads['one_step'] == 0.0 and grads['horizon'] > 0
+
+
+def test_horizon_terms_one_takes_one_branch_term_per_sampled_step_in_turn():
+    """``horizon_terms: one``: on each sampled step only one branch term's gradient is computed,
+    in turn, times the number of terms (an unbiased subsample at one backward per step)."""
+    runs = {}
+    for terms in ('all', 'one'):
+        mkd, student, opt, opt_kr = _horizon_setup(1e-3)
+        mkd.meta.update(horizon_terms=terms, horizon_stride=2)
+        seen = []
+        orig = mkd._after_step
+
+        def spy(optimizer, pending, orig=orig, seen=seen):
+            seen.append(pending['grads'])
+            return orig(optimizer, pending)
+
+        mkd._after_step = spy
+        for i in range(5):
+            mkd.train_step(*_data(i), opt, opt_kr, it=1)
+        runs[terms] = seen
+    one, all_ = runs['one'], runs['all']
+    assert [g is None for g in one] == [False, True, False, True, False]
+    assert [[bool(d) for d in g] for g in one if g is not None] == [[True, False], [False, True], [True, False]]
+    first = one[0][0]  # step 1, same state in both runs: b_tex's term, times 2
+    assert first and all(torch.allclose(first[n], 2 * all_[0][0][n]) for n in first)
+    with pytest.raises(ValueError, match=r'meta\.horizon_terms'):
+        check_meta_options(dict(horizon_terms='some'))
