@@ -75,12 +75,13 @@ def _stack(rows: list[np.ndarray]) -> np.ndarray:
 def render_picture(lq: np.ndarray, points: list[dict], history: dict | None = None) -> np.ndarray:
     """Compose the picture (uint8 BGR): ``lq`` (H x W x 3 BGR uint8) and per point a dict with
     ``name``, ``kernels`` (N x k x k), ``weights`` (N), ``tex_s`` / ``tex_t`` (N x H x W maps of the
-    channel-mean magnitude), optional ``diff`` (N x H x W, mean |T_s - T_t|) and ``fitnet_weight``; ``history``: point name -> list of weight vectors over training."""
+    channel-mean magnitude), optional ``diff`` (N x H x W, mean |T_s - T_t|), ``fitnet_weight`` and ``texture_weight`` (b_tex); ``history``: point name -> list of weight vectors over training."""
     lq_cell = cv2.resize(lq, (_CELL, _CELL), interpolation=cv2.INTER_AREA)
     rows = []
     for p in points:
         n = len(p['weights'])
-        head = f'{p["name"]}' + (f'  b_fit {p["fitnet_weight"]:.3f}' if p.get('fitnet_weight') is not None else '')
+        head = f'{p["name"]}' + (f'  b_fit {p["fitnet_weight"]:.3f}' if p.get('fitnet_weight') is not None else '') + \
+            (f'  b_tex {p["texture_weight"]:.3f}' if p.get('texture_weight') is not None else '')
         strip = np.full((_CELL, max(n, 2) * (_CELL + 2), 3), 255, np.uint8)
         strip[:, :_CELL] = lq_cell
         rows.append(_label(strip, head, 0.45))
@@ -117,7 +118,9 @@ def draw_points(mkd, lq: torch.Tensor, history: dict | None = None) -> np.ndarra
         points.append(dict(name=name, kernels=k.float().cpu().numpy(), weights=out['weights'][0].float().cpu().numpy(),
                            tex_s=ts.abs().mean(1).cpu().numpy(), tex_t=tt.abs().mean(1).cpu().numpy(),
                            diff=(ts - tt).abs().mean(1).cpu().numpy(),
-                           fitnet_weight=float(out['fit_weight']) if 'fit_weight' in out else None))
+                           fitnet_weight=float(out['fit_weight']) if 'fit_weight' in out else None,
+                           texture_weight=float(kr.texture_weight.clamp_min(0)) if getattr(kr, 'fitnet_branch', False)
+                           else None))
     img = (lq[0].detach().float().clamp(0, 1).cpu().numpy().transpose(1, 2, 0)[..., ::-1] * 255).round()
     img = np.ascontiguousarray(img.astype(np.uint8))
     if img.shape[2] != 3:
