@@ -167,6 +167,9 @@ def _horizon_error(lr, T=5, warm=20):
     """Relative error of the horizon hypergradient of (b_tex, b_fit) against central finite
     differences over T real Adam steps (after `warm` steps that build Adam's state)."""
     mkd, student, opt, opt_kr = _horizon_setup(lr)
+    # the traces follow the student; the FitNet regressor (stepped by opt_kr on the student objective) also
+    # depends on b_fit, which they do not trace: keep it fixed here to check what they claim
+    mkd.krnets[0].regressor.requires_grad_(False)
     for i in range(warm):
         mkd.train_step(*_data(i), opt, opt_kr)
     lq_m, gt_m = _data(99)
@@ -195,13 +198,15 @@ def _horizon_error(lr, T=5, warm=20):
     return ((got - want).norm() / want.norm()).item()
 
 
-def test_horizon_hypergradient_matches_finite_differences_to_first_order_in_the_step():
-    """Through the real Adam trajectory (nonlinear student, float64): close to finite
-    differences at a small step size, and the error is first order in it (the dropped Hessian
-    and second-moment terms), not a bookkeeping error."""
-    small, large = _horizon_error(1e-4), _horizon_error(1e-3)
-    assert small < 0.01, small
-    assert large > 2 * small, (small, large)
+def test_horizon_hypergradient_matches_finite_differences_through_real_adam_steps():
+    """Through the real Adam trajectory (nonlinear student, float64): exact for one step (the traces
+    drop only the Hessian, which enters from the second step on), and close to finite differences
+    over 5 steps, closest at the smallest step size."""
+    assert _horizon_error(1e-3, T=1) < 1e-6
+    tiny, small, large = _horizon_error(1e-5), _horizon_error(1e-4), _horizon_error(1e-3)
+    assert tiny < 0.005, tiny
+    assert small < 0.02 and large < 0.02, (small, large)
+    assert tiny < small, (tiny, small)
 
 
 def test_horizon_objective_trains_the_branch_weights_and_resumes_its_traces():

@@ -221,6 +221,9 @@ class KRNet(nn.Module):
         self.eps = float(eps)
 
         c, n, taps = self.width, self.num_kernels, self.kernel_size**2
+        self.fitnet_branch = bool(fitnet_branch)
+        if self.fitnet_branch:  # drawn first: from the same RNG state it is FitNetLoss's regressor, value for value
+            self.regressor = nn.Conv2d(self.s_channels, self.t_channels, 1)
         # No bias: a constant adapter output would pass normalisation as a texture-free map.
         self.adapter_s = nn.Conv2d(self.s_channels, c, 1, bias=False)
         self.adapter_t = nn.Conv2d(self.t_channels, c, 1, bias=False)
@@ -247,9 +250,7 @@ class KRNet(nn.Module):
             self.weight_logits = nn.Parameter(torch.zeros(n))
         if self.gain:
             self.log_gain = nn.Parameter(torch.zeros(()))
-        self.fitnet_branch = bool(fitnet_branch)
         if self.fitnet_branch:
-            self.regressor = nn.Conv2d(self.s_channels, self.t_channels, 1)
             self.fitnet_weight = nn.Parameter(torch.ones(()))
             self.texture_weight = nn.Parameter(torch.full((), float(texture_init)))
             self.fitnet_weight.requires_grad_(bool(learn_fitnet_weight))
