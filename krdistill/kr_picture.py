@@ -13,7 +13,7 @@ import cv2
 import numpy as np
 import torch
 
-__all__ = ['draw_points', 'render_picture']
+__all__ = ['draw_points', 'render_picture', 'texture_weights']
 
 _CELL = 96
 _FONT = cv2.FONT_HERSHEY_SIMPLEX
@@ -96,18 +96,32 @@ def render_picture(lq: np.ndarray, points: list[dict], history: dict | None = No
     return _stack(rows)
 
 
+def _student_features(mkd, lq: torch.Tensor) -> list[torch.Tensor]:
+    was = mkd.student.training
+    mkd.student.eval()
+    try:
+        return mkd.student_forward(lq)[1]
+    finally:
+        mkd.student.train(was)
+
+
+@torch.no_grad()
+def texture_weights(mkd, lq: torch.Tensor, feats_t: list[torch.Tensor] | None = None) -> dict[str, list[float]]:
+    """Per distillation point: the KRNet's per-texture weights (branch weight included) on the first
+    image of ``lq``; ``feats_t``: the teacher's features on it (default: a teacher forward)."""
+    lq = lq[:1]
+    feats_t = mkd.teacher_forward(lq)[1] if feats_t is None else feats_t
+    return {name: kr(fs, ft)['weights'][0].float().cpu().tolist()
+            for name, kr, fs, ft in zip(mkd.student_layers, mkd.krnets, _student_features(mkd, lq), feats_t)}
+
+
 @torch.no_grad()
 def draw_points(mkd, lq: torch.Tensor, history: dict | None = None) -> np.ndarray:
     """The picture for the first image of ``lq`` (B x C x h x w in [0, 1]) under ``mkd``, a
     :class:`~krdistill.metakd.MetaKD`: one teacher and student forward, each KRNet on their features."""
     lq = lq[:1]
     _, feats_t = mkd.teacher_forward(lq)
-    was = mkd.student.training
-    mkd.student.eval()
-    try:
-        _, feats_s = mkd.student_forward(lq)
-    finally:
-        mkd.student.train(was)
+    feats_s = _student_features(mkd, lq)
     points = []
     for name, kr, fs, ft in zip(mkd.student_layers, mkd.krnets, feats_s, feats_t):
         out = kr(fs.detach(), ft)

@@ -65,13 +65,8 @@ def load_iteration(mkd, models: Path, it: int) -> None:
 
 def image_weights(mkd, lq) -> dict[str, list[float]]:
     """Per point: the KRNet's per-texture weights (texture gain included) on ``lq``."""
-    import torch
-    with torch.no_grad():
-        _, feats_t = mkd.teacher_forward(lq)
-        mkd.student.eval()
-        _, feats_s = mkd.student_forward(lq)
-        return {name: kr(fs, ft)['weights'][0].float().cpu().tolist()
-                for name, kr, fs, ft in zip(mkd.student_layers, mkd.krnets, feats_s, feats_t)}
+    from krdistill.kr_picture import texture_weights
+    return texture_weights(mkd, lq)
 
 
 def main(argv=None) -> Path:

@@ -49,6 +49,7 @@ from krdistill import evaluation as ev
 from krdistill.build import build_distiller, build_metakd, build_optimizer, probe_pairs
 from krdistill.io import list_images, read_image
 from krdistill.metakd import texture_stats
+from krdistill.kr_picture import texture_weights
 
 from .memprobe import reset_peak_rss, status_kib
 
@@ -423,19 +424,6 @@ def _kr_picture_input(spec: dict, algo, val_pairs: list, device) -> dict | None:
     return dict(lq=lq, feats_t=feats_t, history={name: [] for name in algo.student_layers})
 
 
-@torch.no_grad()
-def _kr_weights(mkd, lq, feats_t) -> dict:
-    """Per point: the KRNet's per-texture weights (branch weight included) on ``lq``."""
-    was = mkd.student.training
-    mkd.student.eval()
-    try:
-        _, feats_s = mkd.student_forward(lq)
-    finally:
-        mkd.student.train(was)
-    return {name: kr(fs, ft)['weights'][0].float().cpu().tolist()
-            for name, kr, fs, ft in zip(mkd.student_layers, mkd.krnets, feats_s, feats_t)}
-
-
 def run_job(spec: dict) -> dict:
     """Train one student for one (method, seed) and evaluate it; writes ``result.json``.
 
@@ -553,7 +541,7 @@ def run_job(spec: dict) -> dict:
             if is_meta:
                 row.update(_kr_stats(algo, lq, teacher_out[1]))
                 if kr_pic is not None:
-                    for name, w in _kr_weights(algo, kr_pic['lq'], kr_pic['feats_t']).items():
+                    for name, w in texture_weights(algo, kr_pic['lq'], kr_pic['feats_t']).items():
                         kr_pic['history'][name].append(w)
             stats.append(row)
         if it % spec['val_every'] == 0 or it == iters:
