@@ -127,3 +127,20 @@ def cpu_data_parallel(net):
     dp.output_device = None
     dp.src_device_obj = torch.device('cpu')
     return dp
+
+
+def central_differences(params, fn, h: float = 1e-6) -> torch.Tensor:
+    """Central finite differences of the scalar ``fn()`` over every entry of ``params`` (perturbed
+    in place, outside autograd), flattened in order."""
+    numeric = []
+    for p in params:
+        flat_p = p.data.view(-1)
+        for i in range(flat_p.numel()):
+            old = flat_p[i].item()
+            flat_p[i] = old + h
+            lp = fn()
+            flat_p[i] = old - h
+            lm = fn()
+            flat_p[i] = old
+            numeric.append((lp - lm) / (2 * h))
+    return torch.stack(numeric)

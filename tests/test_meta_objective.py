@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from helpers import central_differences
 from krdistill.build import build_metakd, build_optimizer
 from krdistill.meta import optimizer_step, student_params
 from krdistill.metakd import check_meta_options
@@ -57,18 +58,7 @@ def test_teacher_meta_objective_gradient_matches_finite_differences(gamma):
             sr = torch.func.functional_call(student, step(params, dict(zip(names, g))), (lq_m,))
             return F.l1_loss(sr, gt_m) + gamma * F.l1_loss(sr, teacher_out)
 
-    numeric, h = [], 1e-6
-    for p in phi:
-        flat_p = p.data.view(-1)
-        for i in range(flat_p.numel()):
-            old = flat_p[i].item()
-            flat_p[i] = old + h
-            lp = l_meta()
-            flat_p[i] = old - h
-            lm = l_meta()
-            flat_p[i] = old
-            numeric.append((lp - lm) / (2 * h))
-    numeric = torch.stack(numeric)
+    numeric = central_differences(phi, l_meta, h=1e-6)
     rel = (exact - numeric).norm() / numeric.norm()
     assert numeric.norm() > 0 and rel < 1e-5, rel.item()
 

@@ -5,6 +5,7 @@ import copy
 import pytest
 import torch
 
+from helpers import central_differences
 from krdistill.meta import meta_gradient, optimizer_step, student_params
 from test_meta import DT, Setup, flat
 
@@ -74,19 +75,7 @@ def test_meta_gradient_through_the_optimizer_step_matches_finite_differences(nam
         with torch.no_grad():
             return s.meta_loss(step(params, dict(zip(names, g))))
 
-    numeric = []
-    h = 1e-6
-    for p in s.phi():
-        flat_p = p.data.view(-1)  # perturbed in place, outside autograd
-        for i in range(flat_p.numel()):
-            old = flat_p[i].item()
-            flat_p[i] = old + h
-            lp = l_meta()
-            flat_p[i] = old - h
-            lm = l_meta()
-            flat_p[i] = old
-            numeric.append((lp - lm) / (2 * h))
-    numeric = torch.stack(numeric)
+    numeric = central_differences(s.phi(), l_meta, h=1e-6)
     rel = (flat(exact) - numeric).norm() / numeric.norm()
     assert numeric.norm() > 0 and rel < 1e-6, rel.item()
     fd, _ = meta_gradient(s.student, s.student_loss, s.meta_loss, s.phi(), lr=0.0, step_fn=step,
