@@ -467,7 +467,20 @@ class MetaKD(Distiller):
                 skipped = 'non-finite meta loss or KRNet meta gradients'
             optimizer_kr.zero_grad(set_to_none=True)
         joint = optimizer_kr if self.joint_kr_parameters() else None
-        step = self.student_step(lq, gt, optimizer, teacher, extra_optimizer=joint)
+        # At b_tex = 0 the texture maps add exactly 0 to the student step; leave them out unless this
+        # step's gradient to b_tex is used: update joint (b_tex trained on the student objective) or a
+        # step the horizon traces sample (d L_S / d b_tex).
+        sampled = self._horizon is not None and self._horizon_steps % int(self.meta['horizon_stride']) == 0
+        skip = self.meta['update'] != 'joint' and not sampled
+        for kr in self.krnets:
+            if getattr(kr, 'fitnet_branch', False):
+                kr.skip_zero_texture = skip
+        try:
+            step = self.student_step(lq, gt, optimizer, teacher, extra_optimizer=joint)
+        finally:
+            for kr in self.krnets:
+                if getattr(kr, 'fitnet_branch', False):
+                    kr.skip_zero_texture = False
         step.logs.update(info)
         for i, term in enumerate(self.pair_losses):  # what each KRNet transferred in the student step
             step.logs.update((f'kr{i}_{k}', v) for k, v in term.stats.items() if v.dim() == 0)

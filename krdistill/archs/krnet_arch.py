@@ -257,6 +257,10 @@ class KRNet(nn.Module):
         #: evaluate the texture branch at unit weight whatever b_tex is (set by MetaKD for the
         #: kernels' one-step meta gradient while the horizon objective decides b_tex)
         self.texture_probe = False
+        #: with a FitNet branch at ``b_tex == 0`` (and no probe), leave the texture maps out: the
+        #: texture term is then exactly 0 for the student, and the maps are most of a KRNet's cost.
+        #: Set by MetaKD around student steps whose gradient to ``b_tex`` nothing uses.
+        self.skip_zero_texture = False
 
     @property
     def num_corr(self) -> int:
@@ -349,6 +353,9 @@ class KRNet(nn.Module):
             fit_t = feat_t if feat_t.shape[-2:] == (h, w) else \
                 F.interpolate(feat_t, size=(h, w), mode='bilinear', align_corners=False)
             extra = {'fit_s': self.regressor(feat_s), 'fit_t': fit_t, 'fit_weight': _nonneg(self.fitnet_weight)}
+            if self.skip_zero_texture and not self.texture_probe and not bool(self.texture_weight.detach() > 0):
+                # b_tex = max(texture_weight, 0) = 0: every texture weight is 0, so the term adds exactly 0
+                return {'tex_s': None, 'tex_t': None, 'weights': weights, 'kernels': kernels, **extra}
 
         # Student and teacher go through the same kernels in one pass: channels [P_s, P_t].
         both = F.pad(torch.cat([p_s, p_t], dim=1), (pad, pad, pad, pad), mode='replicate')
