@@ -25,6 +25,7 @@ student objective is minimised by ``optimizer``. No step is taken on non-finite 
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import time
 from collections import OrderedDict
@@ -314,15 +315,8 @@ class MetaKD(Distiller):
         probe = self._horizon is not None  # kernels: the meta gradient of the texture term at unit weight
 
         def student_loss(params):
-            for kr in self.krnets:
-                if getattr(kr, 'fitnet_branch', False):
-                    kr.texture_probe = probe
-            try:
+            with self._branch_flag('texture_probe', probe):
                 return self.loss(lq, gt, teacher, params)[0]
-            finally:
-                for kr in self.krnets:
-                    if getattr(kr, 'fitnet_branch', False):
-                        kr.texture_probe = False
 
         gamma = float(self.meta['teacher_weight'])
         if gamma > 0 and out_t_meta is None:
@@ -377,6 +371,18 @@ class MetaKD(Distiller):
             p.grad = h.to(device=p.device, dtype=p.dtype).reshape(p.shape)
             out[f'{name}_credit'] = -h.detach().float()
         return out
+
+    @contextlib.contextmanager
+    def _branch_flag(self, name: str, value: bool):
+        """Set a FitNet-branch KRNet's flag (``texture_probe``, ``skip_zero_texture``) for a block."""
+        krnets = [kr for kr in self.krnets if getattr(kr, 'fitnet_branch', False)]
+        for kr in krnets:
+            setattr(kr, name, value)
+        try:
+            yield
+        finally:
+            for kr in krnets:
+                setattr(kr, name, False)
 
     def _before_backward(self, total: torch.Tensor):
         """Under ``meta.objective: horizon``: ``grad_theta`` of each branch's term (``d L_S /
@@ -472,15 +478,8 @@ class MetaKD(Distiller):
         # step the horizon traces sample (d L_S / d b_tex).
         sampled = self._horizon is not None and self._horizon_steps % int(self.meta['horizon_stride']) == 0
         skip = self.meta['update'] != 'joint' and not sampled
-        for kr in self.krnets:
-            if getattr(kr, 'fitnet_branch', False):
-                kr.skip_zero_texture = skip
-        try:
+        with self._branch_flag('skip_zero_texture', skip):
             step = self.student_step(lq, gt, optimizer, teacher, extra_optimizer=joint)
-        finally:
-            for kr in self.krnets:
-                if getattr(kr, 'fitnet_branch', False):
-                    kr.skip_zero_texture = False
         step.logs.update(info)
         for i, term in enumerate(self.pair_losses):  # what each KRNet transferred in the student step
             step.logs.update((f'kr{i}_{k}', v) for k, v in term.stats.items() if v.dim() == 0)

@@ -142,17 +142,14 @@ class TextureWiseLoss(nn.Module):
     def _point(self, out: KROutput) -> Tensor:
         """One KRNet output: the texture term, plus ``fit_weight * mean|fit_s - fit_t|`` (FitNet's L1)
         when the KRNet has a FitNet branch."""
-        if out.get('tex_s') is None and 'fit_s' in out:  # texture maps left out at b_tex = 0 (KRNet.skip_zero_texture)
-            w = out['weights']
-            zero = w.sum() * 0 if self.reduction != 'none' else w.sum(dim=-1) * 0
-            loss = zero.detach()
-        else:
-            loss = self._one(*self._unpack(out))
+        # texture maps left out at b_tex = 0 (KRNet.skip_zero_texture): the texture term is exactly 0
+        loss = None if out.get('tex_s') is None and 'fit_s' in out else self._one(*self._unpack(out))
         if 'fit_s' in out:
             per_sample = (out['fit_s'] - out['fit_t']).abs().flatten(1).mean(1)
             fit = per_sample.mean() if self.reduction == 'mean' else \
                 per_sample.sum() if self.reduction == 'sum' else per_sample
-            loss = loss + out['fit_weight'] * fit
+            fit = out['fit_weight'] * fit
+            loss = fit if loss is None else loss + fit
         return loss
 
     @staticmethod
