@@ -46,7 +46,7 @@ __all__ = ['MetaKD', 'KRTextureTerm', 'META_DEFAULTS', 'check_meta_options', 'ch
 #: the ``meta:`` block of an option file, with the design's defaults (``dataset``: BasicSR only)
 META_DEFAULTS = dict(every=1, mode='exact', inner_lr=None, precond='none', update='meta', fd_eps=1e-3,
                      adapters='meta', virtual_step='plain', teacher_weight=0.0, objective='one_step',
-                     horizon_decay=0.99, horizon_stride=1, horizon_terms='all')
+                     horizon_decay=0.99, horizon_stride=1, horizon_terms='all', start=0)
 _CHOICES = dict(mode=('exact', 'finite_difference'), precond=('none', 'adam'), update=('meta', 'joint', 'frozen'),
                 adapters=('meta', 'joint', 'student'), virtual_step=('plain', 'optimizer'),
                 objective=('one_step', 'horizon'), horizon_terms=('all', 'one'))
@@ -94,6 +94,8 @@ def check_meta_options(meta: Mapping | None, key: str = 'meta', extra_keys: Sequ
     check_number(out['teacher_weight'], f'{key}.teacher_weight', minimum=0)
     check_number(out['horizon_decay'], f'{key}.horizon_decay', minimum=0)
     check_number(out['horizon_stride'], f'{key}.horizon_stride', minimum=1, integer=True)
+    check_number(out['start'], f'{key}.start (the last iteration before meta-learning starts)', minimum=0,
+                 integer=True)
     if out['horizon_decay'] > 1:
         raise ValueError(f'{key}.horizon_decay: must be in [0, 1] (1 / (1 - decay) steps of memory), '
                          f'got {out["horizon_decay"]!r}')
@@ -168,6 +170,10 @@ class MetaKD(Distiller):
             (:class:`~krdistill.meta.HorizonTrace`; ``horizon_decay`` forgets, ``horizon_stride: r``
             samples the branch terms' gradients every r-th step, ``horizon_terms: one`` one term per
             sampled step in turn instead of ``all``), the rest of phi keeps the one-step gradient.
+            ``start`` (default 0): meta-learning starts after iteration ``start``. Until then the
+            KRNets stay as initialised, no meta step is taken and no horizon trace is kept: the
+            run is value for value the same KRNets frozen at init (``update: frozen``). Meta-KD
+            that reports gains lets the student train first (a late start).
         meta_data: optional iterable of meta batches, ``(lq, gt)`` pairs or mappings with ``lq`` /
             ``gt`` (a held-out split), cycled. Without it the meta batch is the previous training
             batch whose step was taken (the current one at the first iteration).
@@ -198,6 +204,7 @@ class MetaKD(Distiller):
             names = [n for n, p in unwrap(student).named_parameters() if p.requires_grad]
             self._horizon = HorizonTrace(names, len(self.branch_weights()), self.meta['horizon_decay'])
         self._horizon_steps = 0  # student steps seen by the horizon traces (the stride's phase)
+        self._started = self.meta['start'] == 0  # meta-learning has started (iteration > meta.start)
         self.set_meta_data(meta_data)
         self._calls = 0          # train_step calls: the iteration when no `it` is given
         self._last_batch = None  # (lq, gt) of the last iteration whose steps were all taken
@@ -274,7 +281,7 @@ class MetaKD(Distiller):
 
     def is_meta_iter(self, it: int) -> bool:
         """Whether iteration ``it`` (1-based) runs a meta step."""
-        return self.meta['update'] == 'meta' and it % self.meta['every'] == 0
+        return self.meta['update'] == 'meta' and it > self.meta['start'] and it % self.meta['every'] == 0
 
     # ------------------------------------------------------------------ meta step
     def inner_lr(self, student_optimizer) -> float:
@@ -387,7 +394,7 @@ class MetaKD(Distiller):
     def _before_backward(self, total: torch.Tensor):
         """Under ``meta.objective: horizon``: ``grad_theta`` of each branch's term (``d L_S /
         d lambda_k``), for the trace of the step about to be taken."""
-        if self._horizon is None or not torch.is_grad_enabled():
+        if self._horizon is None or not self._started or not torch.is_grad_enabled():
             return None
         self._horizon_steps += 1
         stride = int(self.meta['horizon_stride'])
@@ -443,6 +450,7 @@ class MetaKD(Distiller):
                                      or self.joint_kr_parameters()):
             raise ValueError('MetaKD.train_step: optimizer_kr is needed to train the KRNets')
         teacher = teacher if teacher is not None else self.teacher_forward(lq)
+        self._started = it > self.meta['start']
         info: 'OrderedDict[str, torch.Tensor]' = OrderedDict()
         skipped = None
         if self.is_meta_iter(it):
@@ -476,7 +484,8 @@ class MetaKD(Distiller):
         # At b_tex = 0 the texture maps add exactly 0 to the student step; leave them out unless this
         # step's gradient to b_tex is used: update joint (b_tex trained on the student objective) or a
         # step the horizon traces sample (d L_S / d b_tex).
-        sampled = self._horizon is not None and self._horizon_steps % int(self.meta['horizon_stride']) == 0
+        sampled = self._horizon is not None and self._started and \
+            self._horizon_steps % int(self.meta['horizon_stride']) == 0
         skip = self.meta['update'] != 'joint' and not sampled
         with self._branch_flag('skip_zero_texture', skip):
             step = self.student_step(lq, gt, optimizer, teacher, extra_optimizer=joint)

@@ -219,3 +219,45 @@ def test_leaving_out_the_texture_maps_at_zero_texture_weight_changes_nothing(met
         assert torch.equal(a, b)
     if meta['update'] == 'meta':
         assert max(b_tex) > 0  # the horizon objective raised b_tex: steps after that computed the maps again
+
+
+@pytest.mark.parametrize('objective', ['horizon', 'one_step'])
+def test_late_start_is_the_frozen_run_until_start_then_meta_learns(objective):
+    """``meta.start: S``: up to iteration S the run is value for value the KRNets frozen at init
+    (no meta step, no horizon trace); the first meta step is the first multiple of ``every`` after S."""
+    start, every, n = 5, 2, 9
+    runs = {}
+    for name, meta in (('frozen', dict(update='frozen')),
+                       ('late', dict(update='meta', objective=objective, every=every, start=start,
+                                     horizon_stride=1))):
+        torch.manual_seed(0)
+        mkd, _, student, _ = _pair(meta=dict(meta, virtual_step='optimizer', mode='exact'))
+        opt = torch.optim.Adam(student.parameters(), 1e-3)
+        opt_kr = build_optimizer(dict(type='Adam', lr=5e-2), mkd.kr_parameters())
+        logs, meta_its, params = [], [], []
+        for i in range(1, n + 1):
+            step = mkd.train_step(*_batch(i), opt, opt_kr, it=i)
+            assert step.skipped is None
+            logs.append(float(step.logs['l_total']))
+            if any(k in step.logs for k in ('l_meta', 'l_meta_horizon')):
+                meta_its.append(i)
+            params.append([p.detach().clone() for p in student.parameters()])
+        kr = [p.detach().clone() for p in mkd.kr_parameters()]
+        runs[name] = (logs, meta_its, params, kr)
+    (lf, mf, pf, krf), (ll, ml, pl, krl) = runs['frozen'], runs['late']
+    assert mf == [] and ml == [i for i in range(start + 1, n + 1) if i % every == 0]
+    assert ll[:start] == lf[:start]
+    for a, b in zip(pl[start - 1], pf[start - 1]):
+        assert torch.equal(a, b)
+    assert any(not torch.equal(a, b) for a, b in zip(krl, krf))  # then the KRNets moved
+    if objective == 'horizon':
+        assert mkd._horizon_steps == n - start  # the traces started with meta-learning
+
+
+def test_meta_start_is_checked():
+    from krdistill.metakd import check_meta_options
+    assert check_meta_options({})['start'] == 0
+    with pytest.raises(ValueError, match=r'meta\.start'):
+        check_meta_options(dict(start=-1))
+    with pytest.raises(ValueError, match=r'meta\.start'):
+        check_meta_options(dict(start=0.5))

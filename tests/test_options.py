@@ -49,7 +49,7 @@ SCHEDULERS = {
 #: losses that would download weights when built (VGG); only their type is checked
 NO_BUILD_LOSSES = ('PerceptualLoss', )
 META_KEYS = {'every', 'mode', 'inner_lr', 'precond', 'update', 'fd_eps', 'adapters', 'virtual_step', 'teacher_weight',
-             'objective', 'horizon_decay', 'horizon_stride', 'horizon_terms'}
+             'objective', 'horizon_decay', 'horizon_stride', 'horizon_terms', 'start'}
 META_CHOICES = {'mode': ('exact', 'finite_difference'), 'precond': ('none', 'adam'),
                 'update': ('meta', 'joint', 'frozen'), 'adapters': ('meta', 'joint', 'student'),
                 'virtual_step': ('plain', 'optimizer'), 'objective': ('one_step', 'horizon'),

@@ -63,6 +63,7 @@ METHOD_LABELS = {
     'metakd_frozen': 'MetaKD frozen at init', 'metakd_v1': 'MetaKD, first version (gain, Adam-preconditioned)',
     'fitnet_out_fastreg': 'FitNet + output KD, regressor at lr 1e-2',
     'metakd_onestep': 'MetaKD, one-step objective (v3)',
+    'metakd_late': 'MetaKD (quiz split, late start, horizon)',
 }
 HANDCRAFTED = ('output_kd', 'fitnet', 'at', 'fakd', 'fitnet_out', 'fitnet_out_fastreg')
 
@@ -92,14 +93,29 @@ def build_net(net_opt: dict) -> nn.Module:
 
 
 # ============================================================================================ patch pool
-def _train_images(cfg: dict, data_root: Path) -> list[Path]:
+def _train_images(cfg: dict, data_root: Path, part: str = 'train') -> list[Path]:
+    """The training images (``part='train'``) or the held-out quiz split (``'quiz'``).
+
+    ``data.quiz: {fraction, seed}`` holds a seeded random fraction of the training images out of
+    the patch pool of every row; only MetaKD's meta batches (``metakd.meta_data: quiz``) see them.
+    """
     exclude = {str(Path(e)) for e in cfg['data'].get('exclude', [])}
     paths = []
     for folder in cfg['data']['train_hr']:
         for p in list_images(data_root / folder):
             if str(p.relative_to(data_root)) not in exclude:
                 paths.append(p)
-    return paths
+    quiz = cfg['data'].get('quiz')
+    if not quiz:
+        if part == 'quiz':
+            raise ValueError('data.quiz: not set (needed by metakd.meta_data: quiz): give {fraction, seed}')
+        return paths
+    frac = float(quiz['fraction'])
+    if not 0 < frac < 1:
+        raise ValueError(f'data.quiz.fraction: must be in (0, 1), got {frac!r}')
+    k = max(1, int(round(len(paths) * frac)))
+    held = set(np.random.default_rng(int(quiz.get('seed', 0))).choice(len(paths), k, replace=False).tolist())
+    return [p for i, p in enumerate(paths) if (i in held) == (part == 'quiz')]
 
 
 def _rows_write(path: Path, arr: np.ndarray) -> None:
@@ -132,17 +148,24 @@ class RowFile:
         return out
 
 
-def build_pool(cfg: dict, data_root: Path, cache: Path) -> Path:
-    """The fixed patch pool: ``pool_hr`` (N x 3 x g x g) and ``pool_lr`` uint8 RGB, from ``pool.seed``."""
-    scale, pc = cfg['scale'], cfg['pool']
+def build_pool(cfg: dict, data_root: Path, cache: Path, part: str = 'train') -> Path:
+    """The fixed patch pool: ``pool_hr`` (N x 3 x g x g) and ``pool_lr`` uint8 RGB, from ``pool.seed``.
+
+    ``part='quiz'``: ``pool.quiz_size`` patches of the held-out quiz images (``data.quiz``)."""
+    scale, pc = cfg['scale'], dict(cfg['pool'])
     # only what the patches depend on (not the test/val sets: another evaluation reuses the pool)
-    key = _hash(dict(pool=pc, train_hr=cfg['data']['train_hr'], exclude=cfg['data'].get('exclude', []), scale=scale))
-    folder = cache / f'pool_{key}'
+    what = dict(pool=pc, train_hr=cfg['data']['train_hr'], exclude=cfg['data'].get('exclude', []), scale=scale)
+    if cfg['data'].get('quiz'):  # (a config without a quiz split keeps its pool's old name)
+        what.update(quiz=cfg['data']['quiz'], part=part)
+    key = _hash(what)
+    if part == 'quiz':
+        pc.update(size=int(pc.get('quiz_size', 2000)), seed=int(pc['seed']) + 1)
+    folder = cache / f'{"quiz" if part == "quiz" else "pool"}_{key}'
     if (folder / 'done').exists():
         return folder
     folder.mkdir(parents=True, exist_ok=True)
-    paths = _train_images(cfg, data_root)
-    log(f'pool: {len(paths)} training images, making LR (MATLAB bicubic x{scale}) ...')
+    paths = _train_images(cfg, data_root, part)
+    log(f'{part} pool: {len(paths)} images, making LR (MATLAB bicubic x{scale}) ...')
     hrs, lrs = [], []
     for p in paths:
         hr = ev.mod_crop(read_image(p), scale)[:, :, ::-1]  # RGB
@@ -297,7 +320,9 @@ def _psnr_y_only(net, pairs, scale, device='cpu') -> float:
 #: the student's reconstruction loss in every method (and MetaKD's meta objective)
 PIXEL_OPT = {'type': 'L1Loss', 'loss_weight': 1.0}
 _METHOD_KEYS = ('output_kd', 'pair', 'metakd', 'regressor_optim')
-_METAKD_KEYS = ('krnet', 'texture_weight', 'texture', 'optim_kr', 'meta')
+#: ``meta_data: quiz`` (meta batches from the held-out quiz pool) and ``start_fraction`` (``meta.start`` as a
+#: fraction of the run's iterations) are the protocol's; the rest are MetaKD's option blocks
+_METAKD_KEYS = ('krnet', 'texture_weight', 'texture', 'optim_kr', 'meta', 'meta_data', 'start_fraction')
 
 
 def method_options(mcfg: dict, key: str = 'methods.<name>') -> dict:
@@ -329,6 +354,15 @@ def method_options(mcfg: dict, key: str = 'methods.<name>') -> dict:
         unknown = sorted(set(mk) - set(_METAKD_KEYS))
         if unknown:
             raise KeyError(f'{key}.metakd: unknown key(s) {unknown}; allowed: {list(_METAKD_KEYS)}')
+        if mk.get('meta_data') not in (None, 'quiz'):
+            raise ValueError(f'{key}.metakd.meta_data: quiz (the held-out split of data.quiz) or null (the previous '
+                             f'training batch), got {mk["meta_data"]!r}')
+        if 'start_fraction' in mk and not (isinstance(mk['start_fraction'], (int, float))
+                                           and 0 <= mk['start_fraction'] < 1):
+            raise ValueError(f'{key}.metakd.start_fraction: a number in [0, 1) (meta.start = fraction x the run\'s '
+                             f'iterations), got {mk["start_fraction"]!r}')
+        if 'start_fraction' in mk and 'start' in (mk.get('meta') or {}):
+            raise ValueError(f'{key}.metakd: give start_fraction or meta.start, not both')
         oc = mk.get('optim_kr') or {}
         out.update(network_kr={'type': 'KRNet', **(mk.get('krnet') or {})},
                    texture_opt={'type': 'TextureWiseLoss', 'loss_weight': float(mk.get('texture_weight', 1.0)),
@@ -351,11 +385,34 @@ def build_method(spec: dict, teacher: nn.Module, student: nn.Module):
     shapes = spec.get('shapes')
     if 'network_kr' in opts:
         optim_kr = opts.pop('optim_kr')
+        mk = spec['method_cfg']['metakd'] or {}
+        if mk.get('start_fraction'):
+            opts['meta']['start'] = int(round(spec['iters'] * float(mk['start_fraction'])))
         mkd = build_metakd(teacher, student, tl, sl, shapes=shapes, keys=_keys(spec['method']), **opts)
+        if mk.get('meta_data') == 'quiz':
+            if not spec.get('quiz_pool'):
+                raise ValueError(f'methods.{spec["method"]}.metakd.meta_data: quiz needs data.quiz in the config')
+            mkd.set_meta_data(QuizBatches(spec['quiz_pool'], spec['batch'], spec['seed'], spec.get('device') or 'cpu'))
         return mkd, optim_kr
     needs_teacher = 'kd_opt' in opts or 'output_kd_opt' in opts
     return build_distiller(teacher if needs_teacher else None, student, tl, sl, shapes=shapes,
                            keys=_keys(spec['method']), **opts), None
+
+
+class QuizBatches:
+    """MetaKD's meta batches from the held-out quiz pool: ``(lq, gt)`` batches, each pass a new
+    seeded permutation (``MetaKD.set_meta_data`` cycles over passes)."""
+
+    def __init__(self, pool, batch: int, seed: int, device='cpu'):
+        self.hr, self.lr = RowFile(Path(pool) / 'pool_hr.bin'), RowFile(Path(pool) / 'pool_lr.bin')
+        self.batch, self.device = batch, device
+        self.rng = np.random.default_rng(20_000 + seed)
+
+    def __iter__(self):
+        perm = self.rng.permutation(len(self.hr))
+        for s in range(0, len(perm) - self.batch + 1, self.batch):
+            idx = np.sort(perm[s:s + self.batch])
+            yield to_float(self.lr.take(idx), self.device), to_float(self.hr.take(idx), self.device)
 
 
 def _keys(method: str) -> dict:
@@ -677,6 +734,39 @@ def _ablation_cfg(cfg: dict, vc: dict) -> dict:
 
 
 # ============================================================================================ driver
+def prepare(cfg: dict, data_root: Path, out: Path, teacher_ckpt: str | None, threads: int, device='cpu') -> dict:
+    """Everything the jobs share (made once, reused from ``out/cache``): the patch pool, the quiz
+    pool (``data.quiz``), the teacher, its cached outputs and features, the point shapes and the
+    evaluation sets."""
+    cache = out / 'cache'
+    tests = {k: dict(hr=str(data_root / v['hr']), lr=str(data_root / v['lr']) if v.get('lr') else None)
+             for k, v in cfg['data']['test'].items()}
+    val = tests[cfg['data']['val']] if isinstance(cfg['data']['val'], str) else \
+        dict(hr=str(data_root / cfg['data']['val']['hr']), lr=str(data_root / cfg['data']['val']['lr']))
+    pool = build_pool(cfg, data_root, cache)
+    quiz = build_pool(cfg, data_root, cache, 'quiz') if cfg['data'].get('quiz') else None
+    if teacher_ckpt is None and cfg['teacher'].get('checkpoint'):
+        teacher_ckpt = cfg['teacher']['checkpoint']
+    tpath = get_teacher(cfg, pool, out, teacher_ckpt, threads, device)
+    tcache = precompute_teacher(cfg, pool, tpath, list(cfg['kd']['teacher_layers']), cache, threads, device)
+    return dict(out=str(out), tests=tests, val=val, pool=str(pool), quiz_pool=str(quiz) if quiz else None,
+                teacher_ckpt=str(tpath), teacher_cache=str(tcache), shapes=_shapes(cfg), device=device)
+
+
+def job_spec(cfg: dict, ctx: dict, name: str, method: str, mcfg: dict, seed: int, iters: int, threads: int,
+             measure: dict | None = None) -> dict:
+    """What :func:`run_job` needs for one (method, seed, iterations) run."""
+    return dict(name=name, method=method, method_cfg=mcfg, seed=seed, iters=iters, batch=cfg['train']['batch'],
+                lr=cfg['train']['lr'], betas=cfg['train']['betas'], threads=threads, scale=cfg['scale'],
+                pool=ctx['pool'], quiz_pool=ctx['quiz_pool'], teacher_cache=ctx['teacher_cache'],
+                teacher_layers=list(cfg['kd']['teacher_layers']), student_layers=list(cfg['kd']['student_layers']),
+                shapes=ctx['shapes'], student_network=cfg['student']['network'],
+                teacher_network=cfg['teacher']['network'], tests=ctx['tests'], val=ctx['val'],
+                val_every=cfg['train']['val_every'], log_every=cfg['train'].get('log_every', 100),
+                device=ctx.get('device', 'cpu'), teacher_ckpt=ctx['teacher_ckpt'],
+                run_dir=str(Path(ctx['out']) / ('measure' if measure else 'runs') / name), measure=measure)
+
+
 def _shapes(cfg: dict) -> dict:
     """Feature shapes of the distillation points (one dummy forward of each network; module names
     and scales checked): what the builders read the channels of the KRNets / regressors from."""
@@ -743,30 +833,11 @@ def run(config: str | dict, data_root, out, teacher_ckpt: str | None = None, wor
     main_threads = max(1, workers) * threads
     with open(out / 'config.json', 'w') as f:
         json.dump(cfg, f, indent=1)
-    cache = out / 'cache'
-    scale = cfg['scale']
-    tests = {k: dict(hr=str(data_root / v['hr']), lr=str(data_root / v['lr']) if v.get('lr') else None)
-             for k, v in cfg['data']['test'].items()}
-    val = tests[cfg['data']['val']] if isinstance(cfg['data']['val'], str) else \
-        dict(hr=str(data_root / cfg['data']['val']['hr']), lr=str(data_root / cfg['data']['val']['lr']))
-
-    pool = build_pool(cfg, data_root, cache)
-    if teacher_ckpt is None and cfg['teacher'].get('checkpoint'):
-        teacher_ckpt = cfg['teacher']['checkpoint']
-    tpath = get_teacher(cfg, pool, out, teacher_ckpt, main_threads, device)
-    layers = list(cfg['kd']['teacher_layers'])
-    tcache = precompute_teacher(cfg, pool, tpath, layers, cache, main_threads, device)
-    shapes = _shapes(cfg)
+    ctx = prepare(cfg, data_root, out, teacher_ckpt, main_threads, device)
+    scale, tests, tpath = cfg['scale'], ctx['tests'], Path(ctx['teacher_ckpt'])
 
     def spec(name, method, mcfg, seed, n_iters, measure=None):
-        return dict(name=name, method=method, method_cfg=mcfg, seed=seed, iters=n_iters, batch=cfg['train']['batch'],
-                    lr=cfg['train']['lr'], betas=cfg['train']['betas'], threads=threads, scale=scale,
-                    pool=str(pool), teacher_cache=str(tcache), teacher_layers=layers,
-                    student_layers=list(cfg['kd']['student_layers']), shapes=shapes,
-                    student_network=cfg['student']['network'], teacher_network=cfg['teacher']['network'],
-                    tests=tests, val=val, val_every=cfg['train']['val_every'],
-                    log_every=cfg['train'].get('log_every', 100), device=device, teacher_ckpt=str(tpath),
-                    run_dir=str(out / ('measure' if measure else 'runs') / name), measure=measure)
+        return job_spec(cfg, ctx, name, method, mcfg, seed, n_iters, threads, measure)
 
     abl = cfg.get('ablations') or {}
     variants = abl.get('variants') or {}

@@ -1,0 +1,85 @@
+"""Gaps against training length (tools/krbench/lengths.py) on tiny synthetic data: every
+(length, method, seed) job, the quiz split, the late start, the summary, resume."""
+import json
+
+import numpy as np
+import pytest
+
+import krdistill  # noqa: F401
+from krbench import benchmark as bench  # tools/ (tests/conftest.py)
+from krbench import lengths as bl
+from test_benchmark import data_root, tiny_config  # noqa: F401  (the fixture)
+
+
+def lengths_config():
+    cfg = tiny_config()
+    cfg.pop('ablations')
+    cfg['data']['quiz'] = dict(fraction=0.25, seed=0)
+    cfg['pool'].update(quiz_size=8)
+    meta = dict(cfg['methods']['metakd_exact']['metakd'])
+    meta['krnet'] = dict(meta['krnet'], fitnet_branch=True, learn_fitnet_weight=False)
+    meta['meta'] = dict(every=2, mode='exact', virtual_step='optimizer', objective='horizon')
+    cfg['methods'] = dict(student_alone={}, output_kd={'output_kd': 1.0},
+                          fitnet_out_fastreg={'output_kd': 1.0, 'pair': {'type': 'FitNetLoss', 'loss_weight': 1.0},
+                                              'regressor_optim': {'lr': 1e-2, 'betas': [0.9, 0.999]}},
+                          metakd_late={'output_kd': 1.0, 'metakd': dict(meta, meta_data='quiz', start_fraction=0.5)})
+    cfg['lengths'] = {4: [0, 1], 8: [0]}
+    cfg['frozen_equals'] = 'fitnet_out_fastreg'
+    return cfg
+
+
+def test_lengths_tiny_run_summary_and_resume(tmp_path, data_root):  # noqa: F811
+    out = tmp_path / 'run'
+    s = bl.run_lengths(lengths_config(), data_root, out, workers=0)
+    assert [e['iters'] for e in s['lengths']] == [4, 8]
+    runs = json.loads((out / 'lengths.json').read_text())['runs']
+    assert len(runs) == 4 * 2 + 4 * 1
+    for name in ('lengths.md', 'lengths.png', 'reference.json'):
+        assert (out / name).is_file(), name
+    e4 = s['lengths'][0]
+    rows = {r['method']: r for r in e4['rows']}
+    gap = rows['output_kd']['TestA_gap']
+    want = [runs[f'output_kd_s{k}_i4']['tests']['TestA']['psnr'] - runs[f'student_alone_s{k}_i4']['tests']['TestA']
+            ['psnr'] for k in (0, 1)]
+    assert gap['values'] == pytest.approx(want) and gap['seeds'] == [0, 1]
+    assert e4['lead']['TestA'] == pytest.approx(s['teacher']['TestA'] - np.mean(
+        [runs[f'student_alone_s{k}_i4']['tests']['TestA']['psnr'] for k in (0, 1)]))
+    # MetaKD (late) - frozen, the frozen control being the fast-regressor row
+    mf = e4['meta_minus_frozen']['metakd_late']['TestA']
+    assert mf['n'] == 2
+    # the late start: meta steps only after half of each run (start 2 of 4, 4 of 8; every 2)
+    assert runs['metakd_late_s0_i4']['meta_iters'] == 1 and runs['metakd_late_s0_i8']['meta_iters'] == 2
+    md = (out / 'lengths.md').read_text()
+    assert '**8 iterations**' in md and 'frozen (= fitnet_out_fastreg by construction)' in md
+    # the quiz images are in no training pool
+    pool = json.loads(next((out / 'cache').glob('pool_*/images.json')).read_text())
+    quiz = json.loads(next((out / 'cache').glob('quiz_*/images.json')).read_text())
+    assert quiz and pool and not set(pool) & set(quiz) and len(pool) + len(quiz) == 4
+    # a second call reuses every run (no job trains: result files untouched)
+    stamp = {p: p.stat().st_mtime_ns for p in out.glob('runs/*/result.json')}
+    bl.run_lengths(lengths_config(), data_root, out, workers=0)
+    assert {p: p.stat().st_mtime_ns for p in out.glob('runs/*/result.json')} == stamp
+
+
+def test_quiz_meta_data_without_quiz_split_names_the_key(tmp_path, data_root):  # noqa: F811
+    cfg = lengths_config()
+    del cfg['data']['quiz']
+    with pytest.raises(ValueError, match=r'metakd_late\.metakd\.meta_data: quiz needs data\.quiz'):
+        bl.run_lengths(cfg, data_root, tmp_path / 'run', workers=0, methods=['metakd_late'])
+
+
+@pytest.mark.parametrize('bad, match', [({'start_fraction': 1.5}, r'start_fraction'),
+                                        ({'meta_data': 'train'}, r'meta_data'),
+                                        ({'start_fraction': 0.5, 'meta': {'start': 3}}, 'not both')])
+def test_protocol_metakd_keys_are_checked(bad, match):
+    mk = dict(lengths_config()['methods']['metakd_late']['metakd'])
+    mk.update(bad)
+    with pytest.raises(ValueError, match=match):
+        bench.method_options({'metakd': mk}, 'methods.x')
+
+
+def test_lengths_key_is_checked(tmp_path, data_root):  # noqa: F811
+    cfg = lengths_config()
+    cfg['lengths'] = {4: []}
+    with pytest.raises(ValueError, match=r'lengths\.4'):
+        bl.run_lengths(cfg, data_root, tmp_path / 'run', workers=0)
