@@ -83,3 +83,21 @@ def test_lengths_key_is_checked(tmp_path, data_root):  # noqa: F811
     cfg['lengths'] = {4: []}
     with pytest.raises(ValueError, match=r'lengths\.4'):
         bl.run_lengths(cfg, data_root, tmp_path / 'run', workers=0)
+
+
+def test_preloaded_rows_train_the_same_student(tmp_path, data_root):  # noqa: F811
+    """``train.preload`` (the pool and teacher cache read into device memory once, as on the GPU)
+    gives the same batches, so the same student, value for value."""
+    import torch
+    cfg = lengths_config()
+    ctx = bench.prepare(cfg, data_root, tmp_path / 'run', None, 1)
+    params = []
+    for preload in (False, True):
+        cfg['train']['preload'] = preload
+        spec = bench.job_spec(cfg, ctx, f'fast_{preload}', 'fitnet_out_fastreg', cfg['methods']['fitnet_out_fastreg'],
+                              0, 6, 1)
+        assert spec['preload'] is preload
+        bench.run_job(spec)
+        params.append(torch.load(tmp_path / 'run' / 'runs' / f'fast_{preload}' / 'student.pth', weights_only=True))
+    for k, v in params[0]['params'].items():
+        assert torch.equal(v, params[1]['params'][k]), k

@@ -147,6 +147,25 @@ class RowFile:
             self.f.readinto(buf[k * self.row:(k + 1) * self.row])
         return out
 
+    def rows(self, idx, device) -> torch.Tensor:
+        """Rows ``idx`` as a tensor on ``device`` (the stored dtype)."""
+        return torch.from_numpy(self.take(idx)).to(device)
+
+
+class DeviceRows:
+    """A :class:`RowFile` read whole into ``device`` memory once (``train.preload``: a GPU run then
+    takes its batches without disk reads or host-to-device copies); the same rows, value for value."""
+
+    def __init__(self, path, device):
+        rf = RowFile(path)
+        self.data = torch.from_numpy(np.fromfile(path, rf.dtype).reshape(rf.shape)).to(device)
+
+    def __len__(self):
+        return self.data.shape[0]
+
+    def rows(self, idx, device) -> torch.Tensor:
+        return self.data[torch.as_tensor(np.asarray(idx), device=self.data.device)].to(device)
+
 
 def build_pool(cfg: dict, data_root: Path, cache: Path, part: str = 'train') -> Path:
     """The fixed patch pool: ``pool_hr`` (N x 3 x g x g) and ``pool_lr`` uint8 RGB, from ``pool.seed``.
@@ -498,13 +517,14 @@ def run_job(spec: dict) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     iters, batch, seed = spec['iters'], spec['batch'], spec['seed']
     pool, tcache = Path(spec['pool']), Path(spec['teacher_cache'])
-    hr_f, lr_f = RowFile(pool / 'pool_hr.bin'), RowFile(pool / 'pool_lr.bin')
+    device = torch.device(spec.get('device') or 'cpu')
+    rows = (lambda p: DeviceRows(p, device)) if spec.get('preload') else RowFile
+    hr_f, lr_f = rows(pool / 'pool_hr.bin'), rows(pool / 'pool_lr.bin')
     opts = method_options(spec['method_cfg'], f'methods.{spec["method"]}')
     uses_feats = 'kd_opt' in opts or 'network_kr' in opts
-    out_f = RowFile(tcache / 'out_t.bin') if 'output_kd_opt' in opts else None
-    feat_f = [RowFile(tcache / f'feat_{n}.bin') for n in spec['teacher_layers']] if uses_feats else []
+    out_f = rows(tcache / 'out_t.bin') if 'output_kd_opt' in opts else None
+    feat_f = [rows(tcache / f'feat_{n}.bin') for n in spec['teacher_layers']] if uses_feats else []
 
-    device = torch.device(spec.get('device') or 'cpu')
     sync = torch.cuda.synchronize if device.type == 'cuda' else (lambda: None)
     torch.manual_seed(seed)
     student = build_net(spec['student_network'])  # same init for every method of a seed (made on the CPU)
@@ -535,9 +555,9 @@ def run_job(spec: dict) -> dict:
 
     def get(it):
         idx = order[it - 1]
-        lq, gt = to_float(lr_f.take(idx), device), to_float(hr_f.take(idx), device)
-        out_t = torch.from_numpy(out_f.take(idx)).to(device).float() if out_f is not None else None
-        feats_t = [torch.from_numpy(f.take(idx)).to(device).float() for f in feat_f]
+        lq, gt = lr_f.rows(idx, device).float().div_(255.), hr_f.rows(idx, device).float().div_(255.)
+        out_t = out_f.rows(idx, device).float() if out_f is not None else None
+        feats_t = [f.rows(idx, device).float() for f in feat_f]
         return lq, gt, (out_t, feats_t)
 
     val_pairs = [] if measure else ev.load_pairs(spec['val']['hr'], spec['scale'], spec['val'].get('lr'))
@@ -764,7 +784,8 @@ def job_spec(cfg: dict, ctx: dict, name: str, method: str, mcfg: dict, seed: int
                 teacher_network=cfg['teacher']['network'], tests=ctx['tests'], val=ctx['val'],
                 val_every=cfg['train']['val_every'], log_every=cfg['train'].get('log_every', 100),
                 device=ctx.get('device', 'cpu'), teacher_ckpt=ctx['teacher_ckpt'],
-                run_dir=str(Path(ctx['out']) / ('measure' if measure else 'runs') / name), measure=measure)
+                run_dir=str(Path(ctx['out']) / ('measure' if measure else 'runs') / name), measure=measure,
+                preload=bool(cfg['train'].get('preload', False)))
 
 
 def _shapes(cfg: dict) -> dict:
