@@ -76,6 +76,9 @@ def _distutils_fallback() -> None:
         sys.modules.update({'distutils': mod, 'distutils.version': ver})
 
 
+_distutils_fallback()  # at import: spawned job processes import this file first (as __mp_main__)
+
+
 def deep_update(base: dict, new: dict) -> dict:
     out = copy.deepcopy(base)
     for k, v in (new or {}).items():
@@ -192,7 +195,6 @@ def plan_iters(cfg: dict, s_per_iter: dict, available_s: float) -> int:
 
 
 def run(pack_dir: Path, out: Path, device: str, config: str, deadline_s: float | None = None) -> dict:
-    _distutils_fallback()
     import torch
     from krbench import lengths as bl
     from krbench.benchmark import plot_curves, prepare
