@@ -198,13 +198,14 @@ class Distiller(nn.Module):
         return OrderedDict(l_pix=value)
 
     def kd_terms(self, out_s: torch.Tensor, feats_s: Sequence[torch.Tensor], out_t: torch.Tensor | None,
-                 feats_t: Sequence[torch.Tensor]) -> 'OrderedDict[str, torch.Tensor]':
-        """Named KD loss terms: ``log_key`` of the loss or ``l_kd_<tag>``, summed over points, and ``l_kd_out``."""
+                 feats_t: Sequence[torch.Tensor], point_kwargs: Mapping | None = None) -> 'OrderedDict[str, torch.Tensor]':
+        """Named KD loss terms: ``log_key`` of the loss or ``l_kd_<tag>``, summed over points, and ``l_kd_out``.
+        ``point_kwargs``: keyword arguments for every per-point loss (e.g. MetaKD's ``texture``)."""
         terms: 'OrderedDict[str, torch.Tensor]' = OrderedDict()
         per_key: dict[str, list] = {}
         for loss, fs, ft in zip(self.pair_losses, feats_s, feats_t):
             name = getattr(loss, 'log_key', None) or f'l_kd_{getattr(loss, "tag", "feat")}'
-            per_key.setdefault(name, []).append(loss(fs, ft))
+            per_key.setdefault(name, []).append(loss(fs, ft, **(point_kwargs or {})))
         for name, values in per_key.items():
             terms[name] = torch.stack(values).sum()  # never torch.tensor([...]): it would cut the graph
         if self.output_loss is not None:
@@ -212,16 +213,17 @@ class Distiller(nn.Module):
         return terms
 
     def loss(self, lq: torch.Tensor, gt: torch.Tensor, teacher: TeacherOutput | None = None,
-             params: Mapping[str, torch.Tensor] | None = None):
+             params: Mapping[str, torch.Tensor] | None = None, point_kwargs: Mapping | None = None):
         """Student objective ``L_pix + sum of KD terms`` on a batch: ``(total, terms, sr)``.
 
         ``teacher``: ``(out_t, feats_t)`` computed before (e.g. cached); default a teacher forward.
-        ``params``: evaluate the student with these parameters (meta step).
+        ``params``: evaluate the student with these parameters (meta step). ``point_kwargs``: see
+        :meth:`kd_terms`.
         """
         out_t, feats_t = teacher if teacher is not None else self.teacher_forward(lq)
         sr, feats_s = self.student_forward(lq, params)
         terms = self.pixel_terms(sr, gt)
-        terms.update(self.kd_terms(sr, feats_s, out_t, feats_t))
+        terms.update(self.kd_terms(sr, feats_s, out_t, feats_t, point_kwargs))
         if not terms:
             raise ValueError('Distiller: the objective has no term (set a pixel loss or a KD loss)')
         return torch.stack(list(terms.values())).sum(), terms, sr
@@ -261,13 +263,13 @@ class Distiller(nn.Module):
 
     # ------------------------------------------------------------------ the iteration
     def student_step(self, lq: torch.Tensor, gt: torch.Tensor, optimizer, teacher: TeacherOutput,
-                     extra_optimizer=None) -> StepResult:
+                     extra_optimizer=None, point_kwargs: Mapping | None = None) -> StepResult:
         """Zero grads, objective, backward, and ``optimizer.step()`` (and ``extra_optimizer.step()``
-        when given) only if the loss and every gradient are finite."""
+        when given) only if the loss and every gradient are finite. ``point_kwargs``: see :meth:`kd_terms`."""
         optimizer.zero_grad(set_to_none=True)
         if extra_optimizer is not None:
             extra_optimizer.zero_grad(set_to_none=True)
-        total, terms, sr = self.loss(lq, gt, teacher)
+        total, terms, sr = self.loss(lq, gt, teacher, point_kwargs=point_kwargs)
         logs = OrderedDict(l_total=total.detach())
         logs.update((k, v.detach()) for k, v in terms.items())
         skipped = None

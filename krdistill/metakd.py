@@ -25,7 +25,6 @@ student objective is minimised by ``optimizer``. No step is taken on non-finite 
 """
 from __future__ import annotations
 
-import contextlib
 import itertools
 import time
 from collections import OrderedDict
@@ -117,8 +116,8 @@ class KRTextureTerm(nn.Module):
         self.texture_loss = texture_loss
         self.stats: dict[str, torch.Tensor] = {}
 
-    def forward(self, feat_s: torch.Tensor, feat_t: torch.Tensor) -> torch.Tensor:
-        out = self.krnet(feat_s, feat_t)
+    def forward(self, feat_s: torch.Tensor, feat_t: torch.Tensor, texture: str = 'weighted') -> torch.Tensor:
+        out = self.krnet(feat_s, feat_t, texture=texture)
         self.stats = texture_stats(out)
         return self.texture_loss(out)
 
@@ -319,11 +318,11 @@ class MetaKD(Distiller):
                 raise ValueError('meta.virtual_step: optimizer needs the student optimizer')
             step_fn = optimizer_step(unwrap_optimizer(student_optimizer), bare.named_parameters())
 
-        probe = self._horizon is not None  # kernels: the meta gradient of the texture term at unit weight
+        # horizon: the kernels' meta gradient is that of the texture term at unit weight
+        texture = {'texture': 'unit' if self._horizon is not None else 'weighted'}
 
         def student_loss(params):
-            with self._branch_flag('texture_probe', probe):
-                return self.loss(lq, gt, teacher, params)[0]
+            return self.loss(lq, gt, teacher, params, point_kwargs=texture)[0]
 
         gamma = float(self.meta['teacher_weight'])
         if gamma > 0 and out_t_meta is None:
@@ -378,18 +377,6 @@ class MetaKD(Distiller):
             p.grad = h.to(device=p.device, dtype=p.dtype).reshape(p.shape)
             out[f'{name}_credit'] = -h.detach().float()
         return out
-
-    @contextlib.contextmanager
-    def _branch_flag(self, name: str, value: bool):
-        """Set a FitNet-branch KRNet's flag (``texture_probe``, ``skip_zero_texture``) for a block."""
-        krnets = [kr for kr in self.krnets if getattr(kr, 'fitnet_branch', False)]
-        for kr in krnets:
-            setattr(kr, name, value)
-        try:
-            yield
-        finally:
-            for kr in krnets:
-                setattr(kr, name, False)
 
     def _before_backward(self, total: torch.Tensor):
         """Under ``meta.objective: horizon``: ``grad_theta`` of each branch's term (``d L_S /
@@ -486,9 +473,9 @@ class MetaKD(Distiller):
         # step the horizon traces sample (d L_S / d b_tex).
         sampled = self._horizon is not None and self._started and \
             self._horizon_steps % int(self.meta['horizon_stride']) == 0
-        skip = self.meta['update'] != 'joint' and not sampled
-        with self._branch_flag('skip_zero_texture', skip):
-            step = self.student_step(lq, gt, optimizer, teacher, extra_optimizer=joint)
+        texture = 'skip_zero' if self.meta['update'] != 'joint' and not sampled else 'weighted'
+        step = self.student_step(lq, gt, optimizer, teacher, extra_optimizer=joint,
+                                 point_kwargs={'texture': texture})
         step.logs.update(info)
         for i, term in enumerate(self.pair_losses):  # what each KRNet transferred in the student step
             step.logs.update((f'kr{i}_{k}', v) for k, v in term.stats.items() if v.dim() == 0)

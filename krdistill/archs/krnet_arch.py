@@ -13,6 +13,7 @@ from torch.nn import functional as F
 __all__ = ['KRNet']
 
 _NORMALIZE = ('rms', 'pixel', 'none')
+_TEXTURE = ('weighted', 'unit', 'skip_zero')
 
 
 def _nonneg(w: Tensor) -> Tensor:
@@ -254,13 +255,6 @@ class KRNet(nn.Module):
             self.fitnet_weight = nn.Parameter(torch.ones(()))
             self.texture_weight = nn.Parameter(torch.full((), float(texture_init)))
             self.fitnet_weight.requires_grad_(bool(learn_fitnet_weight))
-        #: evaluate the texture branch at unit weight whatever b_tex is (set by MetaKD for the
-        #: kernels' one-step meta gradient while the horizon objective decides b_tex)
-        self.texture_probe = False
-        #: with a FitNet branch at ``b_tex == 0`` (and no probe), leave the texture maps out: the
-        #: texture term is then exactly 0 for the student, and the maps are most of a KRNet's cost.
-        #: Set by MetaKD around student steps whose gradient to ``b_tex`` nothing uses.
-        self.skip_zero_texture = False
 
     @property
     def num_corr(self) -> int:
@@ -315,8 +309,18 @@ class KRNet(nn.Module):
             raise ValueError(f'KRNet: teacher feature has {feat_t.shape[1]} channels, this KRNet was built with '
                              f't_channels={self.t_channels}.')
 
-    def forward(self, feat_s: Tensor, feat_t: Tensor) -> dict[str, Tensor]:
-        """Texture features of student and teacher, their weights and the kernels (see class doc)."""
+    def forward(self, feat_s: Tensor, feat_t: Tensor, texture: str = 'weighted') -> dict[str, Tensor]:
+        """Texture features of student and teacher, their weights and the kernels (see class doc).
+
+        ``texture`` (what the FitNet branch's ``b_tex`` does; no effect without the branch):
+        ``'weighted'`` (default) scales the texture weights by ``b_tex``; ``'unit'`` evaluates them at
+        ``b_tex = 1`` keeping the gradient to ``b_tex`` (the kernels' one-step meta gradient while the
+        horizon objective decides ``b_tex``); ``'skip_zero'`` leaves the texture maps out
+        (``tex_s = tex_t = None``) while ``b_tex = 0``: the texture term is then exactly 0 and the
+        maps are most of a KRNet's cost.
+        """
+        if texture not in _TEXTURE:
+            raise ValueError(f'KRNet: texture must be one of {_TEXTURE}, got {texture!r}.')
         self._check(feat_s, feat_t)
         b, _, h, w = feat_s.shape
         n, k = self.num_kernels, self.kernel_size
@@ -347,13 +351,11 @@ class KRNet(nn.Module):
         extra = {}
         if self.fitnet_branch:
             b_tex = _nonneg(self.texture_weight)
-            if self.texture_probe:  # value 1 (the gradient to b_tex is kept): see MetaKD, meta.objective: horizon
+            if texture == 'unit':  # value 1 (the gradient to b_tex is kept): see MetaKD, meta.objective: horizon
                 b_tex = b_tex - b_tex.detach() + 1.0
             weights = weights * b_tex
-            fit_t = feat_t if feat_t.shape[-2:] == (h, w) else \
-                F.interpolate(feat_t, size=(h, w), mode='bilinear', align_corners=False)
-            extra = {'fit_s': self.regressor(feat_s), 'fit_t': fit_t, 'fit_weight': _nonneg(self.fitnet_weight)}
-            if self.skip_zero_texture and not self.texture_probe and not bool(self.texture_weight.detach() > 0):
+            extra = {'fit_s': self.regressor(feat_s), 'fit_t': feat_t, 'fit_weight': _nonneg(self.fitnet_weight)}
+            if texture == 'skip_zero' and not bool(self.texture_weight.detach() > 0):
                 # b_tex = max(texture_weight, 0) = 0: every texture weight is 0, so the term adds exactly 0
                 return {'tex_s': None, 'tex_t': None, 'weights': weights, 'kernels': kernels, **extra}
 

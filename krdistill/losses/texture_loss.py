@@ -11,6 +11,8 @@ from typing import Mapping, Sequence, Union
 import torch
 from torch import Tensor, nn
 
+from .kd_loss import fitnet_loss
+
 __all__ = ['texture_wise_loss', 'TextureWiseLoss']
 
 _CRITERIA = ('l1', 'charbonnier')
@@ -142,13 +144,10 @@ class TextureWiseLoss(nn.Module):
     def _point(self, out: KROutput) -> Tensor:
         """One KRNet output: the texture term, plus ``fit_weight * mean|fit_s - fit_t|`` (FitNet's L1)
         when the KRNet has a FitNet branch."""
-        # texture maps left out at b_tex = 0 (KRNet.skip_zero_texture): the texture term is exactly 0
+        # texture maps left out at b_tex = 0 (KRNet texture='skip_zero'): the texture term is exactly 0
         loss = None if out.get('tex_s') is None and 'fit_s' in out else self._one(*self._unpack(out))
-        if 'fit_s' in out:
-            per_sample = (out['fit_s'] - out['fit_t']).abs().flatten(1).mean(1)
-            fit = per_sample.mean() if self.reduction == 'mean' else \
-                per_sample.sum() if self.reduction == 'sum' else per_sample
-            fit = out['fit_weight'] * fit
+        if 'fit_s' in out:  # FitNet's loss on the branch's regressed feature (the regressor ran in the KRNet)
+            fit = out['fit_weight'] * fitnet_loss(out['fit_s'], out['fit_t'], reduction=self.reduction)
             loss = fit if loss is None else loss + fit
         return loss
 
