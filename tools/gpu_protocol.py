@@ -151,6 +151,53 @@ def pack(data_root: Path, teacher: Path | None, wheels: Path | None, dest: Path,
 
 
 # ============================================================================================ run
+def start_mps(g: dict) -> dict:
+    """Try NVIDIA's Multi-Process Service (``gpu.mps``, default on), before any CUDA use: without
+    it the job processes' kernels take turns on the GPU, and tiny students are bound by kernel
+    count; with it they run side by side. A user-space daemon (no GPU setting is changed), quit by
+    :func:`stop_mps`; kept only if a fresh process can use CUDA through it, else the run goes on
+    without."""
+    import subprocess
+    import tempfile
+    if not g.get('mps', True):
+        return dict(mps='off (gpu.mps: false)')
+    exe = shutil.which('nvidia-cuda-mps-control') or next(
+        (p for p in ('/usr/local/nvidia/bin/nvidia-cuda-mps-control', '/usr/bin/nvidia-cuda-mps-control')
+         if os.path.exists(p)), None)
+    if exe is None:
+        return dict(mps='not found')
+    d = tempfile.mkdtemp(prefix='krd_mps_')
+    env = dict(CUDA_MPS_PIPE_DIRECTORY=f'{d}/pipe', CUDA_MPS_LOG_DIRECTORY=f'{d}/log')
+    for v in env.values():
+        os.makedirs(v, exist_ok=True)
+    os.environ.update(env)
+    try:
+        r = subprocess.run([exe, '-d'], capture_output=True, text=True, timeout=15)
+        if r.returncode == 0:
+            probe = subprocess.run([sys.executable, '-c', 'import torch; print(float(torch.ones(2).cuda().sum()))'],
+                                   capture_output=True, text=True, timeout=60)
+            if probe.returncode == 0 and probe.stdout.strip() == '2.0':
+                return dict(mps='on', exe=exe)
+            stop_mps(dict(exe=exe))
+            why = f'a CUDA process could not start through it: {(probe.stderr or probe.stdout).strip()[-300:]}'
+        else:
+            why = f'{exe} -d: {(r.stderr or r.stdout).strip()[-300:]}'
+    except (OSError, subprocess.SubprocessError) as e:
+        why = repr(e)
+    for k in env:
+        os.environ.pop(k, None)
+    return dict(mps=f'off ({why})')
+
+
+def stop_mps(info: dict) -> None:
+    import subprocess
+    if info.get('exe'):
+        try:
+            subprocess.run([info['exe']], input='quit\n', text=True, capture_output=True, timeout=15)
+        except (OSError, subprocess.SubprocessError):
+            pass
+
+
 def _tiny(cfg: dict) -> dict:
     """The smoke configuration: the real rows and networks on a tiny pool, 20 iterations, seed 0."""
     t = copy.deepcopy(cfg)
@@ -196,11 +243,22 @@ def plan_iters(cfg: dict, s_per_iter: dict, available_s: float) -> int:
 
 def run(pack_dir: Path, out: Path, device: str, config: str, deadline_s: float | None = None) -> dict:
     import torch
-    from krbench import lengths as bl
-    from krbench.benchmark import plot_curves, prepare
     cfg = load_protocol(config)
     g = cfg['gpu']
     deadline = float(deadline_s if deadline_s is not None else g.get('deadline_s', 345))
+    info = dict(device=device, torch=torch.__version__, python=sys.version.split()[0])
+    mps = start_mps(g) if device.startswith('cuda') else dict(mps='off (not a GPU run)')
+    info.update(mps=mps['mps'])
+    try:
+        return _run(cfg, g, pack_dir, out, device, deadline, info)
+    finally:
+        stop_mps(mps)
+
+
+def _run(cfg: dict, g: dict, pack_dir: Path, out: Path, device: str, deadline: float, info: dict) -> dict:
+    import torch
+    from krbench import lengths as bl
+    from krbench.benchmark import plot_curves, prepare
     out.mkdir(parents=True, exist_ok=True)
     work = Path(g.get('work_dir') or out.parent / (out.name + '_work'))
     work.mkdir(parents=True, exist_ok=True)
@@ -208,7 +266,6 @@ def run(pack_dir: Path, out: Path, device: str, config: str, deadline_s: float |
     data_root = pack_dir / 'data'
     teacher = pack_dir / cfg['teacher']['checkpoint'] if cfg['teacher'].get('checkpoint') else None
     cfg['teacher']['checkpoint'] = str(teacher) if teacher else None
-    info = dict(device=device, torch=torch.__version__, python=sys.version.split()[0])
     if device.startswith('cuda'):
         if not torch.cuda.is_available():
             raise RuntimeError('--device cuda: torch sees no GPU')
