@@ -9,9 +9,13 @@ Installed with krdistill as ``krdistill-autoload.pth`` in site-packages, which r
    krdistill package, whose ``__init__`` imports basicsr;
 2. right after basicsr is loaded, ``krdistill`` (and ``krdistill.data``) is imported: its classes
    register in BasicSR's registries. Nothing of BasicSR is replaced;
-3. when the running program is BasicSR's ``basicsr/train.py`` with a krdistill model and the run
-   would crash in BasicSR code (see :func:`krdistill.entry.check_basicsr_train`), one line says why
-   and to use ``krdistill-train`` instead, and the process exits with code 2.
+3. when the running program is BasicSR's ``basicsr/train.py`` or ``basicsr/test.py``, before BasicSR
+   reads its options (see :func:`krdistill.entry.check_basicsr_train`): the ``-opt`` file is read
+   with krdistill's safe YAML loader, and a krdistill run whose file holds a Python tag (which
+   BasicSR's unsafe loader would run) stops with code 2, naming the file and the tag; a run of
+   another model gets one warning line and is left to BasicSR. Under ``train.py``, a krdistill run
+   that would crash in BasicSR code gets one line saying why and to use ``krdistill-train``, and the
+   process exits with code 2.
 
 Processes that never import basicsr never import torch or krdistill. This module imports the
 standard library only. Opt out with the environment variable ``KRDISTILL_AUTOLOAD=0``.
@@ -70,7 +74,7 @@ class _Loader:
             sys.stderr.write(f'krdistill autoload: import krdistill failed ({type(e).__name__}: {e}); '
                              'set KRDISTILL_AUTOLOAD=0 to silence\n')
             return
-        check_basicsr_train()  # exits with code 2 on a run BasicSR's train.py would crash on
+        check_basicsr_train()  # exits with code 2 on a krdistill run whose options would run code or crash
 
     def __getattr__(self, name):
         return getattr(self._loader, name)

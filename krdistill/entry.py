@@ -23,11 +23,18 @@ unpatched BasicSR afterwards):
 3. ``--launcher pytorch`` on a machine without CUDA: gloo instead of NCCL, no
    ``torch.cuda.set_device``.
 
+Before any of it, :func:`check_command_line` reads the ``-opt`` file with the safe loader of
+:mod:`krdistill.io` and refuses a Python tag (or a ``--force_yml`` that BasicSR would run as
+code), naming the file and the tag; during the run BasicSR's ``parse_options`` reads the file with
+the same safe loader (``basicsr.utils.options.ordered_yaml`` swapped like the globals above).
+
 :func:`check_basicsr_train` is what the interpreter-start hook (``_krdistill_autoload``) calls when
-basicsr is imported: under BasicSR's own ``basicsr/train.py`` with a krdistill model, a run that
-would crash in BasicSR code (resume or ``--launcher pytorch`` without CUDA, a teacher that
-BasicSR's ``check_resume`` would redirect) stops at once with one line saying why and to use
-``krdistill-train`` with the same arguments (exit code 2).
+basicsr is imported: under BasicSR's own ``basicsr/train.py`` / ``basicsr/test.py``, an option
+file of a krdistill run that holds a Python tag is refused before BasicSR's unsafe loader reads it
+(exit code 2; other runs get a warning line and are left alone), and under ``train.py`` a
+krdistill run that would crash in BasicSR code (resume or ``--launcher pytorch`` without CUDA, a
+teacher that BasicSR's ``check_resume`` would redirect) stops at once with one line saying why and
+to use ``krdistill-train`` with the same arguments (exit code 2).
 
 This module imports the standard library only at import time.
 """
@@ -37,14 +44,15 @@ import argparse
 import contextlib
 import importlib
 import os
+import re
 import shlex
 import sys
 from os import path as osp
 from typing import Any, Iterator
 
 __all__ = ['run_pipeline', 'basicsr_overrides', 'load_resume_state', 'find_resume_state', 'resume_map_location',
-           'check_resume', 'check_dataset_phases', 'init_dist_pytorch', 'basicsr_train_problem',
-           'check_basicsr_train', 'KRDISTILL_MODEL_TYPES']
+           'check_resume', 'check_dataset_phases', 'init_dist_pytorch', 'check_command_line', 'force_yml_problem',
+           'basicsr_option_problem', 'basicsr_train_problem', 'check_basicsr_train', 'KRDISTILL_MODEL_TYPES']
 
 #: model types of krdistill (the autoload check leaves every other model type to BasicSR)
 KRDISTILL_MODEL_TYPES = ('KDSRModel', 'MetaKDModel')
@@ -56,10 +64,13 @@ MOVED_DATASET_PHASES = {'meta': 'meta.dataset'}
 def run_pipeline(module: str, func: str, argv: list[str] | None, root_path: str | None, prog: str) -> None:
     """Call ``basicsr.<module>.<func>(root_path)`` with ``argv`` as the command line.
 
-    krdistill is imported first (registration), and the pipeline runs inside
-    :func:`basicsr_overrides`. ``root_path`` defaults to the current folder, so runs land in
-    ``./experiments`` / ``./results``, never in site-packages.
+    The command line is checked first (:func:`check_command_line`: the ``-opt`` file is read with
+    the safe loader and refused if it holds a Python tag; ``--force_yml`` holds plain values only),
+    krdistill is imported (registration), and the pipeline runs inside :func:`basicsr_overrides`.
+    ``root_path`` defaults to the current folder, so runs land in ``./experiments`` / ``./results``,
+    never in site-packages.
     """
+    check_command_line(sys.argv[1:] if argv is None else list(argv))  # before anything of the run happens
     import krdistill  # noqa: F401
     import krdistill.data  # noqa: F401  (CheckedPairedImageDataset, CheckedSingleImageDataset)
 
@@ -95,14 +106,23 @@ def _reset_basicsr_logger() -> None:
 def basicsr_overrides(train: bool = True) -> Iterator[Any]:
     """Swap the globals BasicSR's pipelines look up for krdistill's, restore BasicSR's own on exit.
 
-    ``basicsr.utils.dist_util._init_dist_pytorch`` always; with ``train``, also
+    ``basicsr.utils.dist_util._init_dist_pytorch`` and ``basicsr.utils.options.ordered_yaml`` (so
+    ``parse_options`` reads the option file with :class:`krdistill.io.SafeOrderedLoader`, the same
+    ``OrderedDict`` options without BasicSR's unsafe loader) always; with ``train``, also
     ``basicsr.train.load_resume_state`` and ``basicsr.train.create_train_val_dataloader``.
     Yields the run's state (``resume_state``: the dict ``train_pipeline`` reads), or None.
     """
     from basicsr.utils import dist_util
+    from basicsr.utils import options as bsr_options
 
     from . import preflight
-    swaps = [(dist_util, '_init_dist_pytorch', init_dist_pytorch)]
+    from .io import SafeOrderedLoader
+    bsr_ordered_yaml = bsr_options.ordered_yaml
+
+    def safe_ordered_yaml():
+        return SafeOrderedLoader, bsr_ordered_yaml()[1]  # BasicSR's own Dumper
+
+    swaps = [(dist_util, '_init_dist_pytorch', init_dist_pytorch), (bsr_options, 'ordered_yaml', safe_ordered_yaml)]
     run = None
     if train:
         bsr_train = importlib.import_module('basicsr.train')
@@ -227,6 +247,55 @@ def load_resume_state(opt: dict) -> dict | None:
     return state
 
 
+# ------------------------------------------------------------------------------------------ command line
+#: a ``--force_yml`` key path BasicSR can take without running code (it builds ``opt["k1"]["k2"]=value``
+#: as Python source and ``exec``s it)
+_FORCE_YML_KEYS = re.compile(r'^[A-Za-z0-9_.\-]+(:[A-Za-z0-9_.\-]+)*$')
+
+
+def force_yml_problem(entry: str) -> str | None:
+    """Why BasicSR's ``parse_options`` would run ``--force_yml entry`` as code, or None.
+
+    BasicSR ``exec``s ``opt["<key>"]...=value`` built from the key path and ``eval``s a value that
+    starts with ``[``: a key with quotes or brackets, or a list that is not a Python literal,
+    would run as Python.
+    """
+    import ast
+    keys, sep, value = entry.partition('=')
+    if not sep or '=' in value:
+        return None  # BasicSR refuses it itself (keys, value = entry.split('='))
+    if not _FORCE_YML_KEYS.match(keys.strip()):
+        return f'the key path {keys.strip()!r} holds characters other than letters, digits, _ . - and :'
+    value = value.strip()
+    if value.startswith('['):
+        try:
+            ast.literal_eval(value)
+        except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+            return f'the value {value!r} is not a plain list (BasicSR eval()s it)'
+    return None
+
+
+def check_command_line(argv: list[str]) -> None:
+    """Refuse, before anything runs, a command line whose option file or ``--force_yml`` would run code.
+
+    The ``-opt`` file is read with :func:`krdistill.io.load_options` (safe loader; a Python tag,
+    broken YAML, an empty file or a missing file is an error naming ``-opt`` and the file); every
+    ``--force_yml`` entry passes :func:`force_yml_problem`. A command line argparse cannot read is
+    left to BasicSR, which prints its usage.
+    """
+    from .io import load_options
+    try:
+        args = _basicsr_args(argv)
+    except ValueError:
+        return
+    load_options(args.opt, '-opt')
+    for entry in args.force_yml or []:
+        problem = force_yml_problem(entry)
+        if problem:
+            raise ValueError(f'--force_yml {entry!r}: {problem}; krdistill refuses it, since BasicSR would run it as '
+                             'Python code. Give key:path=value with a plain value.')
+
+
 # ------------------------------------------------------------------------------------------ dist
 def init_dist_pytorch(backend: str = 'nccl', **kwargs) -> None:
     """``basicsr.utils.dist_util._init_dist_pytorch`` that also works without CUDA (gloo on the CPU)."""
@@ -259,10 +328,11 @@ def _basicsr_args(argv: list[str]):
 
 def _load_opt(args) -> dict | None:
     import yaml
+
+    from .io import load_yaml
     try:
-        with open(args.opt, encoding='utf-8') as f:
-            opt = yaml.safe_load(f)
-    except Exception:  # noqa: BLE001  (BasicSR reports an unreadable file itself)
+        opt = load_yaml(args.opt, '-opt')
+    except Exception:  # noqa: BLE001  (BasicSR reports an unreadable file itself; tags: basicsr_option_problem)
         return None
     if not isinstance(opt, dict):
         return None
@@ -333,24 +403,116 @@ def basicsr_train_problem(argv: list[str], cuda_available: bool | None = None) -
     return None
 
 
-def _basicsr_train_argv() -> list[str] | None:
-    """The arguments of this process if it is BasicSR's ``train.py`` (run as a file or as
-    ``python -m basicsr.train``), else None."""
+def _basicsr_entry_argv() -> tuple[str, list[str]] | None:
+    """``('train' | 'test', arguments)`` if this process is BasicSR's ``train.py`` or ``test.py`` (run as
+    a file or as ``python -m basicsr.train``), else None."""
     main_file = getattr(sys.modules.get('__main__'), '__file__', None) or ''
-    if main_file.endswith(('basicsr/train.py', f'basicsr{os.sep}train.py')):
-        return sys.argv[1:]
+    for script in ('train', 'test'):
+        if main_file.endswith((f'basicsr/{script}.py', f'basicsr{os.sep}{script}.py')):
+            return script, sys.argv[1:]
     orig = list(getattr(sys, 'orig_argv', []))  # python -m basicsr.train: basicsr is imported before __main__ is set
     for i, a in enumerate(orig[:-1]):
-        if a == '-m' and orig[i + 1] == 'basicsr.train':
-            return orig[i + 2:]
+        if a == '-m' and orig[i + 1] in ('basicsr.train', 'basicsr.test'):
+            return orig[i + 1].split('.')[1], orig[i + 2:]
+    return None
+
+
+def _basicsr_train_argv() -> list[str] | None:
+    """The arguments of this process if it is BasicSR's ``train.py``, else None."""
+    found = _basicsr_entry_argv()
+    return found[1] if found is not None and found[0] == 'train' else None
+
+
+def _krdistill_names() -> set[str]:
+    """Names of the classes krdistill registered in BasicSR's registries (its models, archs, losses,
+    datasets), from the registries themselves."""
+    from basicsr.utils import registry
+    names = set(KRDISTILL_MODEL_TYPES)
+    for reg in (registry.MODEL_REGISTRY, registry.ARCH_REGISTRY, registry.LOSS_REGISTRY, registry.DATASET_REGISTRY):
+        names.update(n for n, obj in reg._obj_map.items() if getattr(obj, '__module__', '').startswith('krdistill.'))
+    return names
+
+
+def _mentions_krdistill(path: str) -> bool:
+    """Whether the option file (parsed, never constructed) names a krdistill class as ``model_type`` or a
+    ``type``, or hides its ``model_type`` behind a tag (a run krdistill cannot tell apart is treated as one)."""
+    import yaml
+    try:
+        with open(path, encoding='utf-8') as f:
+            root = yaml.compose(f, Loader=yaml.SafeLoader)
+    except Exception:  # noqa: BLE001  (unreadable: nothing to tell)
+        return False
+    names, seen, stack = _krdistill_names(), set(), [root]
+    while stack:
+        n = stack.pop()
+        if n is None or id(n) in seen:
+            continue
+        seen.add(id(n))
+        if isinstance(n, yaml.MappingNode):
+            for k, v in n.value:
+                if isinstance(k, yaml.ScalarNode) and k.value in ('model_type', 'type'):
+                    if not isinstance(v, yaml.ScalarNode) or not v.tag.startswith('tag:yaml.org,2002:str') \
+                            or v.value in names:
+                        return True
+                stack.extend((k, v))
+        elif isinstance(n, yaml.SequenceNode):
+            stack.extend(n.value)
+    return False
+
+
+def basicsr_option_problem(argv: list[str]) -> str | None:
+    """Why BasicSR's ``parse_options`` would run code from this command line, or None: the ``-opt``
+    file holds a Python tag (BasicSR reads it with PyYAML's unsafe loader), or a ``--force_yml``
+    entry is not a plain value (BasicSR ``exec``s / ``eval``s it). The message names the file and the
+    tags (:func:`krdistill.io.load_yaml`)."""
+    from .io import UnsafeYAMLError, load_yaml
+    try:
+        args = _basicsr_args(list(argv))
+    except ValueError:
+        return None
+    try:
+        load_yaml(args.opt, '-opt')
+    except UnsafeYAMLError as e:
+        return str(e)
+    except Exception:  # noqa: BLE001  (a missing or unreadable file: BasicSR reports it)
+        pass
+    for entry in args.force_yml or []:
+        problem = force_yml_problem(entry)
+        if problem:
+            return f'--force_yml {entry!r}: {problem}'
     return None
 
 
 def check_basicsr_train() -> None:
-    """Under BasicSR's own ``basicsr/train.py``: exit with code 2 and one line on a krdistill run it would
-    crash on (:func:`basicsr_train_problem`), pointing to ``krdistill-train`` with the same arguments."""
-    argv = _basicsr_train_argv()
-    if argv is None:
+    """Under BasicSR's own ``basicsr/train.py`` or ``basicsr/test.py``, before BasicSR reads its options.
+
+    1. A command line that would run code (:func:`basicsr_option_problem`: a Python tag in the
+       ``-opt`` file, a ``--force_yml`` that is not a plain value): for a krdistill run (the file
+       names a krdistill class) the process exits with code 2 before BasicSR parses the file; for
+       any other run one warning line is written and BasicSR goes on as it would without krdistill.
+    2. ``train.py`` on a krdistill run it would crash on (:func:`basicsr_train_problem`): exit
+       with code 2 and one line pointing to ``krdistill-train`` with the same arguments.
+    """
+    found = _basicsr_entry_argv()
+    if found is None:
+        return
+    script, argv = found
+    unsafe = basicsr_option_problem(argv)
+    if unsafe is not None:
+        try:
+            opt_file = _basicsr_args(argv).opt
+        except ValueError:
+            opt_file = ''
+        if _mentions_krdistill(opt_file):
+            sys.stderr.write(f'krdistill: refusing to let BasicSR\'s basicsr/{script}.py read this job\'s options, '
+                             f'which would run code: {unsafe}\n')
+            sys.stderr.flush()
+            raise SystemExit(2)
+        sys.stderr.write(f'krdistill autoload: warning: BasicSR\'s basicsr/{script}.py will run code from its '
+                         f'command line ({unsafe}); not a krdistill run, so krdistill does not stop it\n')
+        sys.stderr.flush()
+        return
+    if script != 'train':
         return
     problem = basicsr_train_problem(argv)
     if problem is None:

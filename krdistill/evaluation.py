@@ -20,11 +20,12 @@ from basicsr.metrics import calculate_psnr, calculate_ssim
 from basicsr.utils.matlab_functions import imresize
 
 from .data_utils import matlab_imresize_uint8
-from .io import list_images, load_checkpoint, read_image, state_dict_from, strip_prefix
+from .io import (CheckpointError, OptionFileError, check_finite, list_images, load_checkpoint, load_options, read_image,
+                 state_dict_from, strip_prefix)
 
 __all__ = ['read_image', 'list_images', 'mod_crop', 'bicubic_downscale', 'bicubic_upscale', 'super_resolve',
            'y_psnr_ssim', 'load_pairs', 'evaluate', 'markdown_table', 'PRESETS', 'build_network', 'load_network',
-           'find_checkpoints', 'evaluate_checkpoints', 'main']
+           'find_checkpoints', 'evaluate_checkpoints', 'run', 'main']
 
 
 def mod_crop(img: np.ndarray, scale: int) -> np.ndarray:
@@ -45,13 +46,22 @@ def bicubic_upscale(lr: np.ndarray, scale: int) -> np.ndarray:
 
 
 @torch.no_grad()
-def super_resolve(net: nn.Module, lr: np.ndarray, device: str | torch.device = 'cpu') -> np.ndarray:
-    """Run ``net`` on a uint8 BGR image; returns the uint8 BGR SR image."""
+def super_resolve(net: nn.Module, lr: np.ndarray, device: str | torch.device = 'cpu',
+                  name: str | None = None) -> np.ndarray:
+    """Run ``net`` on a uint8 BGR image; returns the uint8 BGR SR image.
+
+    With ``name`` (the image, for the message), an output holding NaN or infinite values raises
+    ``FloatingPointError`` instead of being rounded into an image and scored.
+    """
     x = torch.from_numpy(np.ascontiguousarray(lr[:, :, ::-1].transpose(2, 0, 1))).float().div(255.)
     was_training = net.training
     net.eval()
-    out = net(x[None].to(device))[0].clamp(0, 1).cpu().numpy()
+    out = net(x[None].to(device))[0]
     net.train(was_training)
+    if name is not None and not bool(torch.isfinite(out).all()):
+        raise FloatingPointError(f'{name}: the network\'s output holds {int((~torch.isfinite(out)).sum())} non-finite '
+                                 'value(s); not scored')
+    out = out.clamp(0, 1).cpu().numpy()
     return (out.transpose(1, 2, 0)[:, :, ::-1] * 255.).round().astype(np.uint8)
 
 
@@ -84,10 +94,11 @@ def load_pairs(hr_dir: str | os.PathLike, scale: int, lr_dir: str | os.PathLike 
 
 
 def evaluate(net: nn.Module | None, pairs: Sequence[dict], scale: int, device='cpu') -> dict:
-    """Per-image and mean Y-PSNR/SSIM of ``net`` (``None``: bicubic upscaling)."""
+    """Per-image and mean Y-PSNR/SSIM of ``net`` (``None``: bicubic upscaling). An output with a
+    non-finite value is refused (``FloatingPointError`` naming the image), never scored."""
     rows = []
     for p in pairs:
-        sr = bicubic_upscale(p['lr'], scale) if net is None else super_resolve(net, p['lr'], device)
+        sr = bicubic_upscale(p['lr'], scale) if net is None else super_resolve(net, p['lr'], device, name=p['name'])
         psnr, ssim = y_psnr_ssim(sr, p['hr'], border=scale)
         rows.append(dict(name=p['name'], psnr=psnr, ssim=ssim))
     return dict(images=rows, psnr=float(np.mean([r['psnr'] for r in rows])),
@@ -118,22 +129,27 @@ def build_network(net_opt: dict) -> nn.Module:
     return basicsr_build_network(copy.deepcopy(dict(net_opt)))
 
 
-def load_network(net: nn.Module, path: str | os.PathLike, param_key: str | None = None) -> nn.Module:
+def load_network(net: nn.Module, path: str | os.PathLike, param_key: str | None = None,
+                 key: str = 'checkpoint') -> nn.Module:
     """Load a checkpoint into ``net`` (strict; ``weights_only=True``, :mod:`krdistill.io`).
     ``param_key``: ``params`` / ``params_ema``; default: ``params_ema``, else ``params`` (as
     BasicSR's test), else ``state_dict`` (mmengine), else a bare state dict. ``module.`` prefixes
-    are removed. Returns ``net`` in eval mode."""
-    state = state_dict_from(load_checkpoint(path, 'checkpoint'), param_key or 'auto', str(path), '--param-key')
-    net.load_state_dict(strip_prefix(state), strict=True)
+    are removed; a state holding a non-finite tensor is refused (:class:`krdistill.io.NonFiniteError`);
+    ``key`` names the file's source in messages. Returns ``net`` in eval mode."""
+    state = strip_prefix(state_dict_from(load_checkpoint(path, key), param_key or 'auto', str(path), '--param-key'))
+    check_finite(state, path, key)
+    try:
+        net.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise RuntimeError(f'{key}: {path} does not load strictly into the network ({type(net).__name__}): '
+                           f'{str(e)[:500]}') from None
     return net.eval()
 
 
 def _network_from_option(path: str | os.PathLike, key: str = 'network_g') -> dict:
-    import yaml
-    with open(path) as f:
-        opt = yaml.safe_load(f)
-    if key not in opt:
-        raise KeyError(f'{path}: no {key!r} section')
+    opt = load_options(path, '-opt')
+    if not isinstance(opt.get(key), dict):
+        raise KeyError(f'-opt: {path} has no {key!r} section (--network-key)')
     return opt[key]
 
 
@@ -171,18 +187,23 @@ def evaluate_checkpoints(checkpoints: Sequence[str | os.PathLike], hr_dir, scale
             opt = network or net_opt
             if opt is None:
                 raise ValueError(f'{path}: give the architecture with -opt (network_g) or --preset')
-            net = load_network(build_network(opt), path, param_key).to(device)
-            results[name] = evaluate(net, pairs, scale, device)
+            net = load_network(build_network(opt), path, param_key, key=f'checkpoint {ck}').to(device)
+            try:
+                results[name] = evaluate(net, pairs, scale, device)
+            except FloatingPointError as e:
+                raise FloatingPointError(f'checkpoint {path}: {e}') from None
     return results
 
 
-def main(argv=None) -> dict:
-    """``krdistill-evaluate`` / ``tools/evaluate.py``: Y-PSNR/SSIM of student checkpoints on a folder."""
+def run(argv=None) -> dict:
+    """``krdistill-evaluate``'s work: parse ``argv``, evaluate, print the table (stdout), write
+    ``--json``; returns ``{name: evaluate(...) result}``. Errors are raised."""
     import argparse
     import json
-    p = argparse.ArgumentParser(description='Evaluate SR checkpoints (or benchmark run folders) on HR images: '
+    p = argparse.ArgumentParser(prog='krdistill-evaluate',
+                                description='Evaluate SR checkpoints (or benchmark run folders) on HR images: '
                                 'crop to a multiple of the scale, LR by MATLAB-compatible bicubic (or --lr-dir), '
-                                'Y-channel PSNR/SSIM with border = scale, no self-ensemble.')
+                                'Y-channel PSNR/SSIM with border = scale, no self-ensemble. Exit code 0 on success.')
     p.add_argument('checkpoints', nargs='*', help='checkpoint files ({"params": ...}) or benchmark run folders')
     p.add_argument('--hr-dir', required=True, help='folder of HR images')
     p.add_argument('--lr-dir', default=None, help='reference LR images with the same file names (default: make them)')
@@ -202,7 +223,27 @@ def main(argv=None) -> dict:
     print(markdown_table(['model', 'images', 'Y-PSNR', 'Y-SSIM'],
                          [[k, len(v['images']), f'{v["psnr"]:.3f}', f'{v["ssim"]:.4f}'] for k, v in res.items()]))
     if a.json:
-        with open(a.json, 'w') as f:
-            json.dump(dict(hr_dir=str(a.hr_dir), lr_dir=a.lr_dir, scale=a.scale, border=a.scale, results=res), f,
-                      indent=1)
+        try:
+            with open(a.json, 'w') as f:
+                json.dump(dict(hr_dir=str(a.hr_dir), lr_dir=a.lr_dir, scale=a.scale, border=a.scale, results=res), f,
+                          indent=1)
+        except OSError as e:
+            raise OSError(f'--json: cannot write {a.json}: {e.strerror or e}') from None
     return res
+
+
+def main(argv=None) -> int:
+    """``krdistill-evaluate`` / ``tools/evaluate.py``: Y-PSNR/SSIM of student checkpoints on a folder.
+
+    Prints the table on stdout and returns 0; an input it cannot evaluate (a missing, damaged,
+    pickled or non-finite checkpoint, a bad option file, an image folder without images, a
+    non-finite output) prints ``error: ...`` on stderr and returns 1; a usage error exits with 2.
+    The results as a dict: :func:`run`.
+    """
+    import sys
+    try:
+        run(argv)
+    except (OSError, CheckpointError, OptionFileError, FloatingPointError, KeyError, ValueError, RuntimeError) as e:
+        print(f'krdistill-evaluate: error: {e.args[0] if isinstance(e, KeyError) and e.args else e}', file=sys.stderr)
+        return 1
+    return 0

@@ -104,11 +104,13 @@ def load_training_state(path: str, map_location: Any = 'cpu', key: str = 'path.r
 
     A training state holds tensors, numbers, strings and containers only (see :func:`rng_state`,
     :func:`plain_state`); a file that holds anything else (a pickled object, whose loading could
-    run code) is refused with :class:`RefusedStateError` and never unpickled. ``key`` is the
-    option that named the file, for the message.
+    run code) is refused with :class:`RefusedStateError` and never unpickled. A truncated or
+    damaged file raises ``ValueError``; one holding a non-finite tensor (optimizer moments, ...),
+    :class:`krdistill.io.NonFiniteError`. ``key`` is the option that named the file, for the messages.
     """
+    from .io import check_finite
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         text = str(e)
         if 'weights only' not in text.lower() and 'weights_only' not in text.lower():
@@ -121,10 +123,12 @@ def load_training_state(path: str, map_location: Any = 'cpu', key: str = 'path.r
             f'{key}: {path} holds objects other than tensors, numbers, strings and containers{what}; '
             'krdistill loads training states with torch.load(weights_only=True) and will not load it. '
             'Resume from a training state written by this krdistill version.') from None
-    except (RuntimeError, EOFError) as e:  # a truncated or foreign file (torch's zip reader, an empty file)
-        text = str(e)
+    except Exception as e:  # noqa: BLE001  (truncated or foreign: RuntimeError, OSError, EOFError, KeyError, ...)
+        text = str(e).strip()
         raise ValueError(f'{key}: cannot read the training state {path} (truncated or not a torch file?): '
-                         f'{type(e).__name__}: {text.splitlines()[0] if text else ""}') from e
+                         f'{type(e).__name__}: {text.splitlines()[0][:200] if text else ""}') from None
+    check_finite(state, path, key)
+    return state
 
 
 class _SkipFirst(torch.utils.data.Sampler):

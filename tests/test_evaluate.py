@@ -1,4 +1,4 @@
-"""tools/evaluate.py / krdistill.evaluation.main: known PSNR of a known 'network' on a synthetic folder."""
+"""tools/evaluate.py / krdistill.evaluation.run: known PSNR of a known 'network' on a synthetic folder."""
 import json
 
 import cv2
@@ -63,8 +63,8 @@ def test_evaluate_nearest_network_known_psnr(tmp_path, capsys):
     opt = tmp_path / 'opt.yml'
     opt.write_text(yaml.safe_dump({'network_g': {'type': 'NearestUpTest', 'scale': 2}}))
     out = tmp_path / 'res.json'
-    res = ev.main([str(ckpt), '-opt', str(opt), '--hr-dir', str(hr_dir), '--lr-dir', str(lr_dir), '--scale', '2',
-                   '--json', str(out)])
+    res = ev.run([str(ckpt), '-opt', str(opt), '--hr-dir', str(hr_dir), '--lr-dir', str(lr_dir), '--scale', '2',
+                  '--json', str(out)])
     got = {r['name']: r['psnr'] for r in res['net']['images']}
     for k, v in expected.items():
         assert abs(got[k] - v) < 1e-3, (k, got[k], v)

@@ -3,7 +3,8 @@
 
 Y-channel PSNR/SSIM (BT.601, BasicSR metrics), border = scale, no self-ensemble; HR cropped to
 a multiple of the scale; LR made with MATLAB-compatible bicubic, or read with ``--lr-dir``.
-Logic: :func:`krdistill.evaluation.main` (also the ``krdistill-evaluate`` console script).
+Logic: :func:`krdistill.evaluation.main` (also the ``krdistill-evaluate`` console script): exit
+code 0 on success, 1 when an input cannot be evaluated, 2 on a usage error.
 
 Examples::
 
@@ -22,4 +23,4 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 from krdistill.evaluation import main  # noqa: E402  (imports krdistill first: shims before basicsr)
 
 if __name__ == '__main__':
-    main()
+    sys.exit(main())

@@ -8,7 +8,9 @@ or ``--iter``). Output: a file holding only ``params`` (and ``params_ema`` when 
 ``path.pretrain_network_g`` (``param_key_g: params`` or ``params_ema``).
 
 KRNet / regressor files (``net_kr_*``, ``net_kd_*``) and training states are refused. Files are read
-with ``torch.load(..., weights_only=True)`` (:func:`krdistill.io.load_checkpoint`): never code.
+with ``torch.load(..., weights_only=True)`` (:func:`krdistill.io.load_checkpoint`): never code. A
+student holding a NaN or infinite value is refused. Exit code 0 on success, 1 on any refusal or
+failed write (``error: ...`` on stderr), 2 on a usage error.
 ``--opt`` builds ``network_g`` of an option YAML and loads the export strictly to verify it.
 
 Examples::
@@ -30,7 +32,8 @@ from copy import deepcopy
 import torch
 
 import krdistill  # noqa: F401  (shims before basicsr)
-from krdistill.io import load_checkpoint, strip_prefix
+from krdistill.io import (NonFiniteError, OptionFileError, check_finite, load_checkpoint, load_options,
+                          save_checkpoint, strip_prefix, write_error_cause)
 
 STUDENT_KEYS = ('params', 'params_ema')
 _NET_G_ITER = re.compile(r'^net_g_(\d+)\.pth$')
@@ -129,10 +132,21 @@ def export_student(src: str, dst: str, param_key: str = 'all', iteration: int | 
     except RuntimeError as err:
         raise ExportError(str(err)) from err
     out = extract_student(ckpt, param_key, source=path)
+    try:  # a student with a NaN or infinite weight is not exported
+        check_finite(out, path, 'input', action='export')
+    except NonFiniteError as err:
+        raise ExportError(str(err)) from None
     if osp.abspath(dst) == osp.abspath(path):
         raise ExportError('output path equals the input checkpoint; choose another --output')
-    os.makedirs(osp.dirname(osp.abspath(dst)), exist_ok=True)
-    torch.save(out, dst)
+    try:
+        os.makedirs(osp.dirname(osp.abspath(dst)), exist_ok=True)
+    except OSError as err:
+        raise ExportError(f'--output: cannot create the folder of {dst}: {write_error_cause(err, osp.dirname(dst))}') \
+            from None
+    try:
+        save_checkpoint(out, dst, '--output')
+    except RuntimeError as err:
+        raise ExportError(str(err)) from None
     return out
 
 
@@ -153,11 +167,13 @@ def verify(states: dict[str, OrderedDict], network_opt: dict) -> int:
 
 
 def load_network_opt(opt_path: str, key: str = 'network_g') -> dict:
-    import yaml
-    with open(opt_path) as f:
-        opt = yaml.safe_load(f)
-    if not isinstance(opt, dict) or key not in opt:
-        raise ExportError(f'{opt_path}: no {key} section')
+    """``network_g`` of an option file, read with krdistill's safe YAML loader (a Python tag is refused)."""
+    try:
+        opt = load_options(opt_path, '--opt')
+    except (OptionFileError, FileNotFoundError) as err:
+        raise ExportError(str(err)) from None
+    if not isinstance(opt.get(key), dict):
+        raise ExportError(f'--opt: {opt_path} has no {key} section')
     return opt[key]
 
 
@@ -186,7 +202,7 @@ def main(argv=None) -> int:
         if args.opt:
             n = verify(states, load_network_opt(args.opt))
             print(f'Verified: loads strictly into network_g of {args.opt}; {n:,} parameters')
-    except (ExportError, FileNotFoundError) as err:
+    except (ExportError, FileNotFoundError, NotADirectoryError, PermissionError) as err:
         print(f'error: {err}', file=sys.stderr)
         return 1
     return 0

@@ -81,13 +81,11 @@ def main(argv=None) -> Path:
     a = p.parse_args(argv)
 
     import torch
-    import yaml
     from krdistill.evaluation import bicubic_downscale, mod_crop
-    from krdistill.io import read_image, write_image
+    from krdistill.io import load_options, read_image, write_image
     from krdistill.kr_picture import draw_points
 
-    with open(a.option) as f:
-        opt = yaml.safe_load(f)
+    opt = load_options(a.option, '-opt')  # krdistill's safe YAML loader: a Python tag is refused
     exp = Path(a.experiment) if a.experiment else Path('experiments') / str(opt.get('name', ''))
     models = exp / 'models'
     its = saved_iterations(models) if models.is_dir() else []

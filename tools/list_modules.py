@@ -193,14 +193,17 @@ def print_pairs(opt: dict, args, size) -> int:
 
 
 def main(argv=None) -> int:
-    import yaml
+    from krdistill.io import OptionFileError, load_options
     args = parse_args(argv)
     if len(args.size) not in (1, 2):
         print('error: --size takes N or H W', file=sys.stderr)
         return 2
     size = (args.size[0], args.size[-1])
-    with open(args.opt) as f:
-        opt = yaml.safe_load(f)
+    try:
+        opt = load_options(args.opt, '-opt')  # krdistill's safe YAML loader: a Python tag is refused
+    except (OptionFileError, FileNotFoundError) as err:
+        print(f'error: {err}', file=sys.stderr)
+        return 1
     if args.pairs is not None:
         return print_pairs(opt, args, size)
     nets = args.net or [k for k in NETWORK_KEYS if k in opt]

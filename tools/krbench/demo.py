@@ -36,10 +36,9 @@ import yaml
 
 import krdistill  # noqa: F401  (shims and registration before basicsr)
 from basicsr.archs import build_network
-from basicsr.utils.options import ordered_yaml
 from krdistill.evaluation import (bicubic_downscale, bicubic_upscale, evaluate, load_network, load_pairs,
                                   markdown_table, mod_crop, super_resolve)
-from krdistill.io import write_image
+from krdistill.io import load_options, write_image
 
 __all__ = ['SCALE', 'TRAIN_IMAGES', 'TEST_IMAGES', 'CROP_IMAGES', 'CROP_SIZE', 'CROP_ZOOM', 'CROP_GAP',
            'CROP_COLUMNS', 'LABEL_HEIGHT', 'RESULTS_DIR', 'CROPS_PNG', 'skimage_image', 'prepare_data', 'crop_box',
@@ -106,8 +105,9 @@ def prepare_data(root: Path, sub_size: int = 96, step: int = 64, log=print) -> P
 
 
 def load_option(path: Path) -> dict:
-    with open(path) as f:
-        return yaml.load(f, Loader=ordered_yaml()[0])
+    """An option file of ``options/``, read with krdistill's safe YAML loader (OrderedDict, as BasicSR
+    reads it; a Python tag is refused)."""
+    return load_options(path, 'option file')
 
 
 # ------------------------------------------------------------------------------------------ console
