@@ -50,7 +50,8 @@ import sys
 from os import path as osp
 from typing import Any, Iterator
 
-__all__ = ['run_pipeline', 'basicsr_overrides', 'load_resume_state', 'find_resume_state', 'resume_map_location',
+__all__ = ['run_pipeline', 'basicsr_overrides', 'load_resume_state', 'find_resume_state', 'iteration_problem',
+           'resume_map_location',
            'check_resume', 'check_dataset_phases', 'init_dist_pytorch', 'check_command_line', 'force_yml_problem',
            'basicsr_option_problem', 'basicsr_train_problem', 'check_basicsr_train', 'KRDISTILL_MODEL_TYPES']
 
@@ -146,14 +147,17 @@ class _TrainRun:
     def __init__(self, create_train_val_dataloader):
         self._create_train_val_dataloader = create_train_val_dataloader  # BasicSR's own
         self.resume_state: dict | None = None
+        self.notes: list[str] = []  # said once the logger exists (BasicSR makes it after resuming)
 
     def load_resume_state(self, opt: dict) -> dict | None:
-        self.resume_state = load_resume_state(opt)
+        self.resume_state = load_resume_state(opt, self.notes)
         return self.resume_state
 
     def create_train_val_dataloader(self, opt: dict, logger):
         from .preflight import check_datasets
         from .resume import skip_consumed_batches
+        for note in self.notes:
+            logger.warning(note)
         check_dataset_phases(opt)
         check_datasets(opt)  # clear errors before anything is built (krdistill/preflight.py)
         result = self._create_train_val_dataloader(opt, logger)
@@ -191,12 +195,20 @@ def resume_map_location(opt: dict):
     return torch.device('cpu')
 
 
-def find_resume_state(opt: dict) -> str | None:
-    """The training state to resume from: the newest ``<iter>.state`` of the run with ``auto_resume``
-    (``<root_path>/experiments/<name>/training_states``; also written to ``path.resume_state``),
-    else ``path.resume_state``, else None."""
+def find_resume_state(opt: dict, notes: list[str] | None = None) -> str | None:
+    """The training state to resume from: with ``auto_resume`` the newest *complete* ``<iter>.state``
+    of the run (``<root_path>/experiments/<name>/training_states``; also written to
+    ``path.resume_state``), else ``path.resume_state``, else None.
+
+    Complete means the training state and every ``models/net_*_<iter>.pth`` of that iteration
+    (``net_g`` at least) read back and hold finite values (:func:`iteration_problem`). A newer
+    iteration that does not (a truncated or damaged file) is passed over for the last complete one,
+    and a line saying so is appended to ``notes``; when none is complete, ``ValueError`` lists why.
+    A training state holding pickled objects is refused, never passed over.
+    """
     if opt.get('auto_resume'):
-        folder = osp.join(opt.get('root_path', '.'), 'experiments', opt['name'], 'training_states')
+        exp = osp.join(opt.get('root_path', '.'), 'experiments', opt['name'])
+        folder = osp.join(exp, 'training_states')
         iters = []
         if osp.isdir(folder):
             for name in os.listdir(folder):
@@ -205,10 +217,46 @@ def find_resume_state(opt: dict) -> str | None:
                     iters.append(int(stem))
         if not iters:
             return None
-        found = osp.join(folder, f'{max(iters)}.state')
-        opt['path']['resume_state'] = found
-        return found
+        passed = []
+        for it in sorted(iters, reverse=True):
+            problem = iteration_problem(folder, osp.join(exp, 'models'), it)
+            if problem is None:
+                found = osp.join(folder, f'{it}.state')
+                if passed and notes is not None:
+                    notes.append(f'--auto_resume: passed over {"; ".join(passed)}; resuming from iteration {it}, the '
+                                 'last complete state')
+                opt['path']['resume_state'] = found
+                return found
+            passed.append(f'iteration {it} ({problem})')
+        raise ValueError(f'path.resume_state (--auto_resume): no complete training state in {folder}: '
+                         f'{"; ".join(passed)}. Remove the damaged files or start without --auto_resume.')
     return opt['path'].get('resume_state') or None
+
+
+def iteration_problem(states: str, models: str, it: int) -> str | None:
+    """Why iteration ``it`` of a run cannot be resumed from (a file missing, truncated, damaged or
+    holding a non-finite tensor), or None. A training state holding pickled objects raises
+    :class:`krdistill.resume.RefusedStateError` (a foreign file is reported, not passed over)."""
+    from .io import CheckpointError, check_finite, load_checkpoint
+    from .resume import RefusedStateError, load_training_state
+    try:
+        load_training_state(osp.join(states, f'{it}.state'))
+    except RefusedStateError:
+        raise
+    except (ValueError, CheckpointError) as e:
+        return str(e)
+    nets = sorted(n for n in (os.listdir(models) if osp.isdir(models) else [])
+                  if n.startswith('net_') and n.endswith(f'_{it}.pth'))
+    if f'net_g_{it}.pth' not in nets:
+        return f'{osp.join(models, f"net_g_{it}.pth")} is missing'
+    for name in nets:
+        path = osp.join(models, name)
+        try:
+            check_finite(load_checkpoint(path, 'path.resume_state (--auto_resume)'), path,
+                         'path.resume_state (--auto_resume)')
+        except (CheckpointError, OSError) as e:
+            return str(e)
+    return None
 
 
 def check_resume(opt: dict, resume_iter: int) -> None:
@@ -226,15 +274,18 @@ def check_resume(opt: dict, resume_iter: int) -> None:
     p.update(keep)
 
 
-def load_resume_state(opt: dict) -> dict | None:
+def load_resume_state(opt: dict, notes: list[str] | None = None) -> dict | None:
     """Device-agnostic ``basicsr.train.load_resume_state`` that loads with ``weights_only=True``.
 
-    Raises ``FileNotFoundError`` for a ``path.resume_state`` that does not exist and
+    Raises ``FileNotFoundError`` for a ``path.resume_state`` that does not exist,
     :class:`krdistill.resume.RefusedStateError` for a file that holds objects other than tensors
-    and containers (it is never unpickled).
+    and containers (it is never unpickled), ``ValueError`` for a truncated one and
+    :class:`krdistill.io.NonFiniteError` for one holding a non-finite tensor.
+    With ``--auto_resume`` an incomplete newest iteration is passed over (:func:`find_resume_state`;
+    the line saying so goes to ``notes``).
     """
     from .resume import load_training_state
-    path = find_resume_state(opt)
+    path = find_resume_state(opt, notes)
     if path is None:
         return None
     key = 'path.resume_state' + (' (found by --auto_resume)' if opt.get('auto_resume') else '')

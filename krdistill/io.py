@@ -108,14 +108,20 @@ class SafeOrderedLoader(_YAML_BASE):
 
 
 def _construct_mapping(loader: SafeOrderedLoader, node) -> OrderedDict:
-    loader.flatten_mapping(node)  # '<<: *anchor' merge keys
+    written = {}
+    for key_node, _ in node.value:  # keys written in this mapping (merged ones may be overridden)
+        if isinstance(key_node, yaml.ScalarNode) and key_node.tag != _STD_TAG + 'merge':
+            ident = (key_node.tag, key_node.value)
+            if ident in written:
+                mark = key_node.start_mark
+                raise OptionFileError(f'{mark.name}, line {mark.line + 1}: the key {key_node.value!r} appears twice in '
+                                      f'one mapping (lines {written[ident]} and {mark.line + 1}; the second would '
+                                      'silently replace the first)')
+            written[ident] = key_node.start_mark.line + 1
+    loader.flatten_mapping(node)  # '<<: *anchor' merge keys first, the written keys override them
     out = OrderedDict()
     for key_node, value_node in node.value:
-        key = loader.construct_object(key_node, deep=True)
-        if key in out:
-            raise OptionFileError(f'{key_node.start_mark.name}, line {key_node.start_mark.line + 1}: the key {key!r} '
-                                  f'appears twice in one mapping (the second would silently replace the first)')
-        out[key] = loader.construct_object(value_node, deep=True)
+        out[loader.construct_object(key_node, deep=True)] = loader.construct_object(value_node, deep=True)
     return out
 
 

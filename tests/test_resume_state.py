@@ -159,6 +159,10 @@ def test_resume_state_loads_on_the_cpu(tmp_path, monkeypatch):
     torch.save({'epoch': 1, 'iter': 5, 't': torch.ones(2)}, states / '5.state')
     torch.save({'epoch': 0, 'iter': 3}, states / '3.state')
     (states / '.tmp_9').mkdir()  # left by a killed save: not a state
+    models = tmp_path / 'experiments' / 'run' / 'models'
+    models.mkdir()
+    for it in (3, 5):  # an iteration is complete with its net_g
+        torch.save({'params': {'w': torch.ones(2)}}, models / f'net_g_{it}.pth')
     opt = {'name': 'run', 'root_path': str(tmp_path), 'auto_resume': True, 'num_gpu': 1,
            'path': {'resume_state': None, 'models': 'm'}}
     monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)

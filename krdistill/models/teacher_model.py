@@ -41,7 +41,8 @@ from basicsr.utils import get_root_logger
 
 from .. import resume as exact_resume
 from ..build import build_optimizer, probe_pairs
-from ..io import load_checkpoint, load_weights
+from ..io import (CheckpointError, check_finite, load_checkpoint, load_weights, nonfinite_tensors, save_checkpoint,
+                  state_dict_from, strip_prefix, write_error_cause)
 from ..metakd import check_number
 
 __all__ = ['TeacherStudentModel', 'load_teacher']
@@ -243,8 +244,7 @@ class TeacherStudentModel(SRModel):
             where = (f'the last good state was saved as iteration {current_iter} in {self.opt["path"]["models"]} '
                      '(krdistill-train --auto_resume continues from it)')
         else:
-            where = (f'the weights themselves are not finite ({bad[:3]}), so nothing was saved; --auto_resume '
-                     'continues from the latest checkpoint on disk')
+            where = f'the weights themselves are not finite ({bad[:3]}), so nothing was saved; {self.last_good_state()}'
         raise FloatingPointError(
             f'Training stopped at iter {current_iter}: {self._nonfinite} iterations in a row skipped on non-finite '
             f'values (last: {why}); {where}. Lower train.optim_g.lr or the loss weights, or check the data.')
@@ -285,30 +285,105 @@ class TeacherStudentModel(SRModel):
         bad = self.nonfinite_state()
         if bad:
             raise FloatingPointError(f'refusing to save a checkpoint with non-finite tensors ({bad[:3]} ...) at iter '
-                                     f'{current_iter}; the latest checkpoint on disk is the last good state')
+                                     f'{current_iter}; {self.last_good_state()}')
         if current_iter != -1:  # the final 'latest' save writes no training state: no collective at shutdown
             self._extra_states = self._gather_extra_states()  # every rank takes part; rank 0 writes them
+            bad = nonfinite_tensors(self._extra_states, 'krdistill.ranks')
+            if bad:
+                raise FloatingPointError(f'refusing to save a training state with non-finite tensors ({bad[:3]}) at '
+                                         f'iter {current_iter}; {self.last_good_state()}')
         if self.opt.get('rank', 0) != 0:
             return  # BasicSR saves on the master rank only
         paths = self.opt['path']
         final = {k: paths[k] for k in ('models', 'training_states')}
         tmp = {k: osp.join(v, f'.tmp_{current_iter}') for k, v in final.items()}
-        for k, d in tmp.items():
-            for stale in glob.glob(osp.join(final[k], '.tmp_*')):  # left by a killed save
-                shutil.rmtree(stale, ignore_errors=True)
-            os.makedirs(d)
-        paths.update(tmp)
         try:
-            if self.is_train:
-                for label, net in self.training_only_networks().items():
-                    self.save_network(net, f'net_{label}', current_iter)
-            super().save(epoch, current_iter)
-        finally:
-            paths.update(final)
-        for k in ('models', 'training_states'):  # the training state (what resume looks for) last
-            for name in sorted(os.listdir(tmp[k])):
-                os.replace(osp.join(tmp[k], name), osp.join(final[k], name))
-            os.rmdir(tmp[k])
+            for k, d in tmp.items():
+                for stale in glob.glob(osp.join(final[k], '.tmp_*')):  # left by a killed save
+                    shutil.rmtree(stale, ignore_errors=True)
+                os.makedirs(d)
+            paths.update(tmp)
+            try:
+                if self.is_train:
+                    for label, net in self.training_only_networks().items():
+                        self.save_network(net, f'net_{label}', current_iter)
+                super().save(epoch, current_iter)
+            finally:
+                paths.update(final)
+            for k in ('models', 'training_states'):  # the training state (what resume looks for) last
+                for name in sorted(os.listdir(tmp[k])):
+                    os.replace(osp.join(tmp[k], name), osp.join(final[k], name))
+                os.rmdir(tmp[k])
+        except (OSError, CheckpointError) as e:
+            for d in tmp.values():
+                shutil.rmtree(d, ignore_errors=True)
+            if isinstance(e, CheckpointError):
+                detail = str(e)
+            else:
+                folder = osp.dirname(getattr(e, 'filename', None) or final['models'])
+                detail = f'cannot write {getattr(e, "filename", None) or folder}: {write_error_cause(e, folder)}'
+            raise CheckpointError(f'saving iteration {current_iter} failed ({detail}). Nothing of iteration '
+                                  f'{current_iter} was kept, and no file written before was changed; '
+                                  f'{self.last_good_state()}') from e
+
+    def last_good_state(self) -> str:
+        """Where the run's last good state is, in words: the newest training state on disk, or none."""
+        folder = self.opt['path'].get('training_states')
+        iters = sorted(int(osp.splitext(n)[0]) for n in (os.listdir(folder) if folder and osp.isdir(folder) else [])
+                       if n.endswith('.state') and osp.splitext(n)[0].isdigit())
+        if iters:
+            return (f'the last good state on disk is iteration {iters[-1]} ({osp.join(folder, f"{iters[-1]}.state")}); '
+                    'krdistill-train --auto_resume continues from it')
+        return (f'this run has saved no checkpoint yet (no training state in {folder}), so there is no good state '
+                'to resume from: start the run again')
+
+    def save_network(self, net, net_label, current_iter, param_key='params'):
+        """BasicSR's ``save_network`` (same file, same ``{param_key: state_dict}`` content), but a failed
+        write raises :class:`krdistill.io.CheckpointError` naming the file and the cause (a full or
+        read-only disk). BasicSR 1.4.2 retries three times and then goes on without the file, which
+        would leave an iteration without its ``net_g`` beside a training state that points to it."""
+        nets = net if isinstance(net, list) else [net]
+        keys = param_key if isinstance(param_key, list) else [param_key]
+        if len(nets) != len(keys):
+            raise ValueError('save_network: the lengths of net and param_key should be the same')
+        save = {k: OrderedDict((n[7:] if n.startswith('module.') else n, t.cpu())
+                               for n, t in self.get_bare_model(n_).state_dict().items()) for n_, k in zip(nets, keys)}
+        name = f'{net_label}_{"latest" if current_iter == -1 else current_iter}.pth'
+        save_checkpoint(save, osp.join(self.opt['path']['models'], name), 'path.models')
+
+    def load_network(self, net, load_path, strict=True, param_key='params'):
+        """BasicSR's ``load_network`` (``path.pretrain_network_g``, and ``models/net_g_<iter>.pth`` on
+        resume) through :mod:`krdistill.io`: ``weights_only=True``, errors naming the file and the option
+        key (missing, truncated, pickled), and a state holding a non-finite tensor refused. Otherwise
+        BasicSR's behaviour: ``params_ema`` falls back to ``params``, ``strict_load_g: false`` loads
+        what matches."""
+        logger = get_root_logger()
+        key = self._option_key_of(load_path)
+        ckpt = load_checkpoint(load_path, key)
+        if param_key is not None and isinstance(ckpt, dict) and param_key not in ckpt and 'params' in ckpt:
+            param_key = 'params'
+            logger.info('Loading: params_ema does not exist, use params.')
+        state = strip_prefix(state_dict_from(ckpt, param_key, str(load_path), key.split(' ')[0].replace(
+            'pretrain_network_', 'param_key_')))
+        check_finite(state, load_path, key, prefix=param_key or '')
+        net = self.get_bare_model(net)
+        logger.info(f'Loading {net.__class__.__name__} model from {load_path}, with param key: [{param_key}].')
+        self._print_different_keys_loading(net, state, strict)
+        try:
+            net.load_state_dict(state, strict=strict)
+        except RuntimeError as e:
+            raise RuntimeError(f'{key}: {load_path} does not match the network ({str(e)[:500]})') from None
+
+    def _option_key_of(self, load_path) -> str:
+        """The ``path.pretrain_network_*`` option that names ``load_path`` (and the training state that
+        set it on resume), for messages."""
+        p = self.opt['path']
+        key = next((f'path.{k}' for k, v in p.items() if k.startswith('pretrain_network_') and v
+                    and osp.normpath(str(v)) == osp.normpath(str(load_path))), 'checkpoint')
+        if p.get('resume_state') and p.get('models') and \
+                osp.normpath(osp.dirname(str(load_path))) == osp.normpath(p['models']):
+            key += f' (set by resuming from {p["resume_state"]})'
+        return key
 
     # ----------------------------------------------------------------- exact resume
     def extra_training_state(self) -> dict:
@@ -334,8 +409,8 @@ class TeacherStudentModel(SRModel):
         extra = getattr(self, '_extra_states', None) or [self.extra_training_state()]
         state = {'epoch': epoch, 'iter': current_iter, 'optimizers': [o.state_dict() for o in self.optimizers],
                  'schedulers': [s.state_dict() for s in self.schedulers], 'krdistill': {'ranks': extra}}
-        torch.save(exact_resume.plain_state(state),
-                   osp.join(self.opt['path']['training_states'], f'{current_iter}.state'))
+        save_checkpoint(exact_resume.plain_state(state),
+                        osp.join(self.opt['path']['training_states'], f'{current_iter}.state'), 'path.training_states')
 
     def resume_training(self, resume_state):
         """Optimizers and schedulers (BasicSR), then this rank's :meth:`extra_training_state`."""
