@@ -25,7 +25,8 @@ from .distiller import Distiller, probe
 from .features import unwrap
 from .losses.kd_loss import ATLoss, FAKDLoss, FitNetLoss, OutputKDLoss, PixelLoss
 from .losses.texture_loss import TextureWiseLoss
-from .metakd import MetaKD, check_meta_options, check_number
+from .meta_options import REMOVED_KRNET_KEYS, check_meta_options, check_number, check_removed
+from .metakd import MetaKD
 
 __all__ = ['ARCHS', 'LOSSES', 'OPTIMIZERS', 'default_resolver', 'build_module', 'build_optimizer',
            'build_distiller', 'build_metakd', 'plain', 'probe_pairs', 'BASICSR_KEYS']
@@ -244,16 +245,19 @@ def build_metakd(teacher: nn.Module, student: nn.Module, teacher_layers: Sequenc
                  example_input=None, resolve: Callable | None = None, keys: Mapping[str, str] | None = None,
                  shapes: dict | None = None) -> MetaKD:
     """:class:`~krdistill.metakd.MetaKD` from the option blocks (defaults: ``KRNet``,
-    ``TextureWiseLoss``, L1 pixel loss, no output KD, :data:`~krdistill.metakd.META_DEFAULTS`).
+    ``TextureWiseLoss``, L1 pixel loss, no output KD, :class:`~krdistill.meta_options.MetaOptions`).
+    ``meta`` is checked here, once; errors name the YAML key (``keys``).
     One KRNet per distillation point; ``s_channels`` / ``t_channels`` read from the networks."""
     keys = {**DEFAULT_KEYS, **(keys or {})}
     tl, sl = _pairs(teacher_layers, student_layers, keys)
     if not sl:
         raise ValueError(f'{keys["student_layers"]} / {keys["teacher_layers"]}: MetaKD needs at least one '
                          'distillation point')
-    meta = check_meta_options(plain(meta) if meta is not None else None, keys['meta'])
-    shapes = shapes or probe_pairs(teacher, student, tl, sl, example_input, keys)
+    meta = check_meta_options(plain(meta) if meta is not None else None, keys['meta'])  # the one check
     kr_opt = network_kr if network_kr is not None else {'type': 'KRNet'}
+    if isinstance(kr_opt, Mapping):
+        check_removed(kr_opt, keys['network_kr'], REMOVED_KRNET_KEYS)
+    shapes = shapes or probe_pairs(teacher, student, tl, sl, example_input, keys)
     krnets = [build_module(kr_opt, 'arch', keys['network_kr'], resolve, allow_instance=False, s_channels=ss[1],
                            t_channels=ts[1]) for ss, ts in zip(shapes['student'], shapes['teacher'])]
     texture_loss = build_module(texture_opt if texture_opt is not None else {'type': 'TextureWiseLoss'}, 'loss',

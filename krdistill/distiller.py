@@ -18,6 +18,7 @@ about it (count, stop) is the caller's policy.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections import OrderedDict
 from typing import Callable, Mapping, Sequence
@@ -146,6 +147,18 @@ class Distiller(nn.Module):
         self.pair_losses = nn.ModuleList(pair_losses or [])
         self.output_loss = output_loss
         self.pixel_loss = pixel_loss
+        self._phase_hook = None
+
+    def set_phase_hook(self, hook: Callable[[str], contextlib.AbstractContextManager] | None) -> None:
+        """Time (or trace) the phases of an iteration: ``hook(name)`` is entered around each of
+        ``teacher_forward``, ``student_forward``, ``kd_terms`` and, for MetaKD, ``meta_step`` (with
+        ``student_forward``, ``kd_terms``, ``autograd`` and ``autograd_create_graph`` inside it).
+        None removes it. The computation is unchanged."""
+        self._phase_hook = hook
+
+    def phase(self, name: str) -> contextlib.AbstractContextManager:
+        """The phase hook's context for ``name`` (a no-op without a hook)."""
+        return self._phase_hook(name) if self._phase_hook is not None else contextlib.nullcontext()
 
     def train(self, mode: bool = True) -> 'Distiller':
         super().train(mode)
@@ -169,11 +182,12 @@ class Distiller(nn.Module):
         if not self.needs_teacher():
             return None, []
         self.teacher.eval()
-        if self.rec_t is not None:
-            with self.rec_t:
-                out = self.teacher(lq)
-            return out, self.rec_t.features()
-        return self.teacher(lq), []
+        with self.phase('teacher_forward'):
+            if self.rec_t is not None:
+                with self.rec_t:
+                    out = self.teacher(lq)
+                return out, self.rec_t.features()
+            return self.teacher(lq), []
 
     def student_forward(self, lq: torch.Tensor, params: Mapping[str, torch.Tensor] | None = None):
         """Student output and features (with graph). ``params``: run with these parameters instead
@@ -183,11 +197,12 @@ class Distiller(nn.Module):
         def run():
             return net(lq) if params is None else functional_call(net, dict(params), (lq,))
 
-        if self.rec_s is None:
-            return run(), []
-        with self.rec_s:
-            out = run()
-        return out, self.rec_s.features()
+        with self.phase('student_forward'):
+            if self.rec_s is None:
+                return run(), []
+            with self.rec_s:
+                out = run()
+            return out, self.rec_s.features()
 
     def pixel_terms(self, sr: torch.Tensor, gt: torch.Tensor) -> 'OrderedDict[str, torch.Tensor]':
         if self.pixel_loss is None:
@@ -203,13 +218,14 @@ class Distiller(nn.Module):
         ``point_kwargs``: keyword arguments for every per-point loss (e.g. MetaKD's ``texture``)."""
         terms: 'OrderedDict[str, torch.Tensor]' = OrderedDict()
         per_key: dict[str, list] = {}
-        for loss, fs, ft in zip(self.pair_losses, feats_s, feats_t):
-            name = getattr(loss, 'log_key', None) or f'l_kd_{getattr(loss, "tag", "feat")}'
-            per_key.setdefault(name, []).append(loss(fs, ft, **(point_kwargs or {})))
-        for name, values in per_key.items():
-            terms[name] = torch.stack(values).sum()  # never torch.tensor([...]): it would cut the graph
-        if self.output_loss is not None:
-            terms['l_kd_out'] = self.output_loss(out_s, out_t)
+        with self.phase('kd_terms'):
+            for loss, fs, ft in zip(self.pair_losses, feats_s, feats_t):
+                name = getattr(loss, 'log_key', None) or f'l_kd_{getattr(loss, "tag", "feat")}'
+                per_key.setdefault(name, []).append(loss(fs, ft, **(point_kwargs or {})))
+            for name, values in per_key.items():
+                terms[name] = torch.stack(values).sum()  # never torch.tensor([...]): it would cut the graph
+            if self.output_loss is not None:
+                terms['l_kd_out'] = self.output_loss(out_s, out_t)
         return terms
 
     def loss(self, lq: torch.Tensor, gt: torch.Tensor, teacher: TeacherOutput | None = None,

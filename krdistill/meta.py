@@ -50,6 +50,7 @@ not require grad are passed through unchanged.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Callable, Iterable, Mapping, Sequence, Union
 
@@ -179,7 +180,7 @@ def optimizer_step(optimizer: torch.optim.Optimizer,
         raise NotImplementedError(
             f'{key}.type: meta.virtual_step: optimizer reproduces the steps of '
             f'{[c.__name__ for c in SUPPORTED_OPTIMIZERS]}, not {type(optimizer).__name__}; use one of those '
-            'or meta.virtual_step: plain')
+            'for the student')
     items = list(named_params.items()) if isinstance(named_params, Mapping) else list(named_params)
     group_of = {id(p): g for g in optimizer.param_groups for p in g['params']}
     plans: dict[str, dict] = {}
@@ -275,7 +276,9 @@ def meta_gradient(student: nn.Module,
                   precond: Mapping[str, Tensor | None] | None = None,
                   fd_eps: float = 1e-3,
                   reduce: Callable[[list[Tensor]], list[Tensor]] | None = None,
-                  step_fn: StepFn | None = None) -> tuple[list[Tensor], dict[str, Tensor]]:
+                  step_fn: StepFn | None = None,
+                  phase: Callable[[str], contextlib.AbstractContextManager] | None = None,
+                  ) -> tuple[list[Tensor], dict[str, Tensor]]:
     r"""Gradient of the meta loss after a virtual student step w.r.t. the KRNet parameters.
 
     Args:
@@ -302,6 +305,8 @@ def meta_gradient(student: nn.Module,
             ``finite_difference`` mode, to ``grad_theta' L_meta``, so every rank takes the same
             virtual step as one process with the global batch. The caller still averages the
             returned ``grads`` over ranks.
+        phase: optional timing hook, ``phase(name)`` a context manager entered around every
+            autograd call (``autograd_create_graph`` or ``autograd``).
 
     Cost: ``exact`` calls ``student_loss`` once (with a double backward) and ``meta_loss``
     once; ``finite_difference`` calls ``student_loss`` three times and ``meta_loss`` once, with
@@ -323,6 +328,13 @@ def meta_gradient(student: nn.Module,
     params = dict(bare.named_parameters())
     names = [n for n, p in params.items() if p.requires_grad]
     buffers = {n: b.detach().clone() for n, b in bare.named_buffers()}
+
+    def grads_fn(loss, inputs, create_graph=False):
+        if phase is None:
+            return grads_or_zeros(loss, inputs, create_graph)
+        with phase('autograd_create_graph' if create_graph else 'autograd'):
+            return grads_or_zeros(loss, inputs, create_graph)
+
     try:
         if step_fn is None:
             def step_fn(theta, g, lr=lr, precond=precond):
@@ -331,10 +343,10 @@ def meta_gradient(student: nn.Module,
         else:
             plain = False
         if mode == 'exact':
-            grads, info = _exact(params, names, student_loss, meta_loss, kr_params, step_fn, reduce)
+            grads, info = _exact(params, names, student_loss, meta_loss, kr_params, step_fn, reduce, grads_fn)
         else:
             grads, info = _finite_difference(params, names, student_loss, meta_loss, kr_params, lr, precond, fd_eps,
-                                             reduce, None if plain else step_fn)
+                                             reduce, None if plain else step_fn, grads_fn)
     finally:
         if buffers:
             with torch.no_grad():
@@ -358,7 +370,7 @@ def _leaves(params: Mapping[str, Tensor], names: Sequence[str]) -> ParamDict:
     return out
 
 
-def _exact(params, names, student_loss, meta_loss, kr_params, step_fn, reduce=None):
+def _exact(params, names, student_loss, meta_loss, kr_params, step_fn, reduce=None, grads_or_zeros=grads_or_zeros):
     theta = _leaves(params, names)
     l_s = _check_scalar(student_loss(theta), 'student_loss')
     g = grads_or_zeros(l_s, [theta[n] for n in names], create_graph=True)
@@ -371,7 +383,7 @@ def _exact(params, names, student_loss, meta_loss, kr_params, step_fn, reduce=No
 
 
 def _finite_difference(params, names, student_loss, meta_loss, kr_params, lr, precond, fd_eps, reduce=None,
-                       step_fn=None):
+                       step_fn=None, grads_or_zeros=grads_or_zeros):
     theta = _leaves(params, names)
     l_s = _check_scalar(student_loss(theta), 'student_loss')
     g = [x.detach() for x in grads_or_zeros(l_s, [theta[n] for n in names])]

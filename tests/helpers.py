@@ -108,7 +108,7 @@ def tiny_metakd_opt(tmp_path: Path, meta: dict | None = None, **train_extra) -> 
     extra.update(train_extra)
     opt = tiny_opt(tmp_path, model_type='MetaKDModel', **extra)
     opt['network_kr'] = dict(type='KRNet', width=8, num_kernels=4, kernel_size=3, corr_radius=1, hidden=8)
-    opt['meta'] = {**dict(every=1, mode='exact', inner_lr=None, precond='none', update='meta', fd_eps=0.01),
+    opt['meta'] = {**dict(every=1, mode='exact', update='meta', objective='one_step', fd_eps=0.01),
                    **(meta or {})}
     return opt
 

@@ -35,7 +35,7 @@ def test_kd_fitnet_on_cuda(tmp_path):
 
 @pytest.mark.parametrize('mode', ['exact', 'finite_difference'])
 def test_metakd_on_cuda_save_and_resume(tmp_path, mode):
-    opt = _cuda(tiny_metakd_opt(tmp_path, meta=dict(mode=mode, precond='adam')))
+    opt = _cuda(tiny_metakd_opt(tmp_path, meta=dict(mode=mode)))
     for k in ('models', 'training_states'):
         os.makedirs(opt['path'][k], exist_ok=True)
     model = build_model(opt)

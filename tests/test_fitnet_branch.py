@@ -86,7 +86,7 @@ def test_branch_weight_below_zero_counts_as_zero_and_still_gets_the_meta_gradien
         kr.texture_weight.fill_(-0.1)
     out = kr(*_feats(mkd, lq))
     assert float(out['weights'].abs().max()) == 0.0  # counts as 0
-    mkd.meta_grad(lq, gt, *_batch(1), student_optimizer=opt)
+    mkd.objective.meta_grad(lq, gt, *_batch(1), student_optimizer=opt)
     assert kr.texture_weight.grad is not None and float(kr.texture_weight.grad.abs()) > 0
 
 
@@ -236,12 +236,12 @@ def test_late_start_is_the_frozen_run_until_start_then_meta_learns(objective):
         assert torch.equal(a, b)
     assert any(not torch.equal(a, b) for a, b in zip(krl, krf))  # then the KRNets moved
     if objective == 'horizon':
-        assert mkd._horizon_steps == n - start  # the traces started with meta-learning
+        assert mkd.objective.steps == n - start  # the traces started with meta-learning
 
 
 def test_meta_start_is_checked():
-    from krdistill.metakd import check_meta_options
-    assert check_meta_options({})['start'] == 0
+    from krdistill.meta_options import check_meta_options
+    assert check_meta_options({}).start == 0
     with pytest.raises(ValueError, match=r'meta\.start'):
         check_meta_options(dict(start=-1))
     with pytest.raises(ValueError, match=r'meta\.start'):

@@ -226,22 +226,10 @@ def test_unfold_texture_equals_grouped_conv_to_second_order():
         torch.testing.assert_close(a, r)
 
 
-def test_gain_scales_weights_and_loss():
-    from krdistill.losses.texture_loss import TextureWiseLoss
-    torch.manual_seed(0)
-    fs, ft = torch.randn(2, 8, 12, 12), torch.randn(2, 16, 12, 12)
-    kr = KRNet(8, 16, width=8, hidden=8, gain=True)
-    assert 'gain=True' in repr(kr)
-    base = kr(fs, ft)
-    assert torch.allclose(base['weights'].sum(1), torch.ones(2))
-    with torch.no_grad():
-        kr.log_gain.fill_(0.5)
-    out = kr(fs, ft)
-    g = float(torch.tensor(0.5).exp())
-    assert torch.allclose(out['weights'].sum(1), torch.full((2, ), g))
-    assert torch.allclose(TextureWiseLoss()(out), g * TextureWiseLoss()(base), rtol=1e-5)
-    assert not hasattr(KRNet(8, 16, width=8, hidden=8), 'log_gain')
-    static = KRNet(8, 16, width=8, hidden=8, dynamic=False, gain=True)
-    with torch.no_grad():
-        static.log_gain.fill_(-1.0)
-    assert torch.allclose(static(fs, ft)['weights'].sum(1), torch.full((2, ), float(torch.tensor(-1.0).exp())))
+def test_removed_gain_names_what_replaced_it():
+    """``network_kr.gain`` (the first version's learned texture strength) is gone: the FitNet
+    branch's ``b_tex`` replaced it. The error says so instead of building something else."""
+    from krdistill.build import build_metakd
+    from test_api import Tiny
+    with pytest.raises(KeyError, match=r'network_kr\.gain: removed; fitnet_branch: true'):
+        build_metakd(Tiny(8, 2), Tiny(4, 1), ['body.1'], ['body.0'], network_kr=dict(type='KRNet', gain=True))

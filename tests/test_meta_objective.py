@@ -1,7 +1,6 @@
-"""The teacher-agreement meta objective (``meta.teacher_weight``):
-``L_meta = L_pix(S_theta'(x_m), y_m) + gamma * L1(S_theta'(x_m), T(x_m))`` after the student
-optimizer's real step. Its meta gradient matches central finite differences in float64, and the
-teacher output of the meta batch is the one of that batch (kept from its step, or recomputed)."""
+"""The meta objectives: the one-step ``L_meta = L_pix(S_theta'(x_m), y_m)`` after the student
+optimizer's real step (its meta gradient matches central finite differences in float64) and the
+horizon objective's hypergradients (``meta.objective: horizon``)."""
 import copy
 
 import pytest
@@ -11,20 +10,20 @@ import torch.nn.functional as F
 from helpers import central_differences
 from krdistill.build import build_metakd, build_optimizer
 from krdistill.meta import optimizer_step, student_params
-from krdistill.metakd import check_meta_options
+from krdistill.meta_options import check_meta_options
 from test_api import Tiny, _batch
 
 KR = dict(type='KRNet', width=4, num_kernels=2, hidden=4, fitnet_branch=True, texture_init=0.5,
           learn_fitnet_weight=False)
 
 
-def _setup(gamma, dtype=torch.float64):
+def _setup(dtype=torch.float64):
     torch.manual_seed(0)
     teacher, student = Tiny(6, 2).to(dtype), Tiny(4, 1).to(dtype)
     mkd = build_metakd(teacher, student, ['body.1'], ['body.0'], network_kr=KR,
                        texture_opt=dict(type='TextureWiseLoss', loss_weight=1.0, criterion='charbonnier', eps=0.01),
                        output_kd_opt=dict(type='OutputKDLoss', loss_weight=1.0),
-                       meta=dict(update='meta', virtual_step='optimizer', teacher_weight=gamma))
+                       meta=dict(update='meta', objective='one_step', virtual_step='optimizer'))
     mkd.to(dtype)
     opt = torch.optim.Adam(student.parameters(), 1e-2, betas=(0.9, 0.99))
     opt_kr = build_optimizer(dict(type='Adam', lr=1e-2), mkd.kr_parameters())
@@ -35,18 +34,16 @@ def _data(i, dtype=torch.float64):
     return tuple(t.to(dtype) for t in _batch(i, b=2, size=8))
 
 
-@pytest.mark.parametrize('gamma', [0.0, 1.0])
-def test_teacher_meta_objective_gradient_matches_finite_differences(gamma):
-    mkd, student, opt, opt_kr = _setup(gamma)
+def test_meta_objective_gradient_matches_finite_differences():
+    mkd, student, opt, opt_kr = _setup()
     for i in range(2):  # Adam state, as in training
         assert mkd.train_step(*_data(i), opt, opt_kr).skipped is None
     lq, gt = _data(5)
     lq_m, gt_m = _data(6)
     phi = mkd.meta_kr_parameters()
     assert phi and all(p is not mkd.krnets[0].fitnet_weight for p in phi)
-    mkd.meta_grad(lq, gt, lq_m, gt_m, student_optimizer=opt)
+    mkd.objective.meta_grad(lq, gt, lq_m, gt_m, student_optimizer=opt)
     exact = torch.cat([p.grad.reshape(-1) for p in phi])
-    teacher_out = mkd.teacher(lq_m).detach()
     step = optimizer_step(opt, student.named_parameters())
     teacher = mkd.teacher_forward(lq)
 
@@ -56,54 +53,11 @@ def test_teacher_meta_objective_gradient_matches_finite_differences(gamma):
         g = torch.autograd.grad(mkd.loss(lq, gt, teacher, params)[0], [params[n] for n in names])
         with torch.no_grad():
             sr = torch.func.functional_call(student, step(params, dict(zip(names, g))), (lq_m,))
-            return F.l1_loss(sr, gt_m) + gamma * F.l1_loss(sr, teacher_out)
+            return F.l1_loss(sr, gt_m)
 
     numeric = central_differences(phi, l_meta, h=1e-6)
     rel = (exact - numeric).norm() / numeric.norm()
     assert numeric.norm() > 0 and rel < 1e-5, rel.item()
-
-
-def test_teacher_term_changes_the_meta_gradient_and_uses_the_meta_batch_teacher_output():
-    grads = {}
-    for gamma in (0.0, 2.0):
-        mkd, student, opt, opt_kr = _setup(gamma)
-        mkd.train_step(*_data(0), opt, opt_kr)
-        lq, gt = _data(1)
-        lq_m, gt_m = _data(2)
-        mkd.meta_grad(lq, gt, lq_m, gt_m, student_optimizer=opt)
-        grads[gamma] = torch.cat([p.grad.reshape(-1) for p in mkd.meta_kr_parameters()])
-        if gamma:  # the default teacher output of the meta batch is the teacher on that batch
-            g_default = grads[gamma]
-            mkd.meta_grad(lq, gt, lq_m, gt_m, student_optimizer=opt, out_t_meta=mkd.teacher(lq_m).detach())
-            g_given = torch.cat([p.grad.reshape(-1) for p in mkd.meta_kr_parameters()])
-            assert torch.allclose(g_default, g_given)
-            mkd.meta_grad(lq, gt, lq_m, gt_m, student_optimizer=opt, out_t_meta=mkd.teacher(lq).detach())
-            g_wrong = torch.cat([p.grad.reshape(-1) for p in mkd.meta_kr_parameters()])
-            assert not torch.allclose(g_default, g_wrong)
-    assert not torch.allclose(grads[0.0], grads[2.0])
-
-
-def test_previous_batch_teacher_output_is_kept_and_saved():
-    mkd, student, opt, opt_kr = _setup(1.0, torch.float32)
-    lq, gt = _data(0, torch.float32)
-    mkd.train_step(lq, gt, opt, opt_kr)
-    assert torch.allclose(mkd._last_out_t, mkd.teacher(lq))
-    state = mkd.meta_state_dict()
-    assert 'last_out_t' in state
-    other, *_ = _setup(1.0, torch.float32)
-    other.load_meta_state_dict(state)
-    assert torch.equal(other._last_out_t, mkd._last_out_t)
-    mkd0, *_ = _setup(0.0, torch.float32)
-    mkd0.train_step(lq, gt, torch.optim.Adam(mkd0.student.parameters()), build_optimizer(
-        dict(type='Adam', lr=1e-3), mkd0.kr_parameters()))
-    assert mkd0._last_out_t is None and 'last_out_t' not in mkd0.meta_state_dict()
-
-
-def test_teacher_weight_option_is_checked():
-    with pytest.raises(ValueError, match=r'meta\.teacher_weight'):
-        check_meta_options(dict(teacher_weight=-1.0))
-    with pytest.raises(ValueError, match=r'meta\.teacher_weight.*1\.0e-4'):
-        check_meta_options(dict(teacher_weight='1e-4'))
 
 
 # ---------------------------------------------------------------- meta.objective: horizon
@@ -140,13 +94,14 @@ def test_horizon_trace_is_exact_for_sgd_on_a_linear_objective(opt_name):
     assert torch.allclose(hyper, numeric, rtol=1e-7), (hyper, numeric)
 
 
-def _horizon_setup(lr, decay=1.0):
+def _horizon_setup(lr, decay=1.0, **meta):
     torch.manual_seed(0)
     teacher, student = Tiny(6, 2).double(), Tiny(4, 1).double()
     mkd = build_metakd(teacher, student, ['body.1'], ['body.0'], network_kr=dict(KR, learn_fitnet_weight=True),
                        texture_opt=dict(type='TextureWiseLoss', loss_weight=1.0, criterion='charbonnier', eps=0.01),
                        output_kd_opt=dict(type='OutputKDLoss', loss_weight=1.0),
-                       meta=dict(update='meta', objective='horizon', horizon_decay=decay, every=10**6))
+                       meta=dict(dict(update='meta', objective='horizon', horizon_decay=decay, every=10**6,
+                                      horizon_stride=1, horizon_terms='all'), **meta))
     mkd.double()
     opt = torch.optim.Adam(student.parameters(), lr, betas=(0.9, 0.999))
     opt_kr = build_optimizer(dict(type='Adam', lr=1e-2), mkd.kr_parameters())
@@ -174,14 +129,14 @@ def _horizon_error(lr, T=5, warm=20):
         with torch.no_grad():
             kr.texture_weight.add_(delta[0])
             kr.fitnet_weight.add_(delta[1])
-        mkd._horizon = HorizonTrace(mkd._horizon.names, 2, 1.0)
+        mkd.objective.trace = HorizonTrace(mkd.objective.trace.names, 2, 1.0)
         for i in range(T):
             assert mkd.train_step(*_data(warm + i), opt, opt_kr, it=1).skipped is None
         with torch.no_grad():
             return F.l1_loss(student(lq_m), gt_m)
 
     l_meta_after((0.0, 0.0))
-    got = torch.stack([-mkd.horizon_grad(lq_m, gt_m)[f'kr0_b_{t}_credit'].double() for t in ('tex', 'fit')])
+    got = torch.stack([-mkd.objective.horizon_grad(lq_m, gt_m)[f'kr0_b_{t}_credit'].double() for t in ('tex', 'fit')])
     h = 1e-5
     want = torch.stack([(l_meta_after(d) - l_meta_after(tuple(-x for x in d))) / (2 * h)
                         for d in ((h, 0.0), (0.0, h))])
@@ -200,18 +155,17 @@ def test_horizon_hypergradient_matches_finite_differences_through_real_adam_step
 
 
 def test_horizon_objective_trains_the_branch_weights_and_resumes_its_traces():
-    mkd, student, opt, opt_kr = _horizon_setup(1e-2, decay=0.9)
-    mkd.meta['every'] = 2
+    mkd, student, opt, opt_kr = _horizon_setup(1e-2, decay=0.9, every=2)
     kr = mkd.krnets[0]
     b0 = (float(kr.texture_weight), float(kr.fitnet_weight))
     logs = [mkd.train_step(*_data(i), opt, opt_kr).logs for i in range(4)]
     assert 'kr0_b_tex_credit' in logs[1] and 'kr0_b_tex_credit' not in logs[0]
     assert (float(kr.texture_weight), float(kr.fitnet_weight)) != b0
-    assert all(p is not kr.texture_weight for p in mkd.one_step_parameters())
+    assert all(p is not kr.texture_weight for p in mkd.objective.one_step_parameters())
     state = mkd.meta_state_dict()
-    other, *_ = _horizon_setup(1e-2, decay=0.9)
+    other, *_ = _horizon_setup(1e-2, decay=0.9, every=2)
     other.load_meta_state_dict(state)
-    z, z2 = mkd._horizon.z[0], other._horizon.z[0]
+    z, z2 = mkd.objective.trace.z[0], other.objective.trace.z[0]
     assert z and all(torch.equal(z[n], z2[n]) for n in z)
     with pytest.raises(ValueError, match=r'meta\.objective: horizon .*fitnet_branch'):
         build_metakd(Tiny(6, 2), Tiny(4, 1), ['body.1'], ['body.0'], network_kr=dict(type='KRNet', width=4),
@@ -221,8 +175,7 @@ def test_horizon_objective_trains_the_branch_weights_and_resumes_its_traces():
 
 
 def test_horizon_stride_samples_the_term_gradients_and_scales_them():
-    mkd, student, opt, opt_kr = _horizon_setup(1e-3)
-    mkd.meta['horizon_stride'] = 3
+    mkd, student, opt, opt_kr = _horizon_setup(1e-3, horizon_stride=3)
     seen = []
     orig = mkd._after_step
 
@@ -234,7 +187,7 @@ def test_horizon_stride_samples_the_term_gradients_and_scales_them():
     for i in range(5):
         mkd.train_step(*_data(i), opt, opt_kr, it=1)
     assert seen == [(True, 3.0), (False, 0.0), (False, 0.0), (True, 3.0), (False, 0.0)]
-    assert mkd._horizon.z[0]  # the traces advance at every step
+    assert mkd.objective.trace.z[0]  # the traces advance at every step
     with pytest.raises(ValueError, match=r'meta\.horizon_stride'):
         check_meta_options(dict(horizon_stride=0))
 
@@ -254,7 +207,7 @@ def test_horizon_kernels_learn_while_the_texture_branch_is_off():
                            output_kd_opt=dict(type='OutputKDLoss', loss_weight=1.0),
                            meta=dict(update='meta', objective=objective, virtual_step='optimizer'))
         opt = torch.optim.Adam(student.parameters(), 1e-2)
-        mkd.meta_grad(*_batch(0), *_batch(1), student_optimizer=opt)
+        mkd.objective.meta_grad(*_batch(0), *_batch(1), student_optimizer=opt)
         kr = mkd.krnets[0]
         grads[objective] = kr.kernel_head.bias.grad.abs().sum().item()
         assert float(kr(*[torch.randn(1, c, 4, 4) for c in (4, 6)])['weights'].abs().sum()) == 0.0
@@ -266,8 +219,7 @@ def test_horizon_terms_one_takes_one_branch_term_per_sampled_step_in_turn():
     in turn, times the number of terms (an unbiased subsample at one backward per step)."""
     runs = {}
     for terms in ('all', 'one'):
-        mkd, student, opt, opt_kr = _horizon_setup(1e-3)
-        mkd.meta.update(horizon_terms=terms, horizon_stride=2)
+        mkd, student, opt, opt_kr = _horizon_setup(1e-3, horizon_terms=terms, horizon_stride=2)
         seen = []
         orig = mkd._after_step
 

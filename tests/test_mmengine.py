@@ -77,13 +77,13 @@ def test_runner_trains_saves_and_resumes(tmp_path):
     cfg = _cfg(tmp_path, 'b', load_from=str(ck2), resume=True)
     resumed = Runner.from_cfg(cfg)
     calls = []
-    orig = resumed.model.mkd.meta_grad
+    orig = resumed.model.mkd.objective.meta_grad
 
     def spy(*args, **kwargs):
         calls.append((resumed.iter, resumed.model.mkd._calls))
         return orig(*args, **kwargs)
 
-    resumed.model.mkd.meta_grad = spy
+    resumed.model.mkd.objective.meta_grad = spy
     resumed.train()
     assert calls[0] == (2, 3), 'iteration and meta call counter (2, +1 for this call) were not restored'
     assert resumed.iter == 4
@@ -149,7 +149,7 @@ def test_restricted_getattr_refuses_anything_but_history_buffer_methods():
 
 @pytest.mark.parametrize('edit,match', [
     (dict(meta=dict(every=0)), r'model\.meta\.every'),
-    (dict(meta=dict(inner_lr='1e-4')), r'model\.meta\.inner_lr.*1\.0e-4'),
+    (dict(meta=dict(fd_eps='1e-4')), r'model\.meta\.fd_eps.*1\.0e-4'),
     (dict(texture_opt=dict(type='TextureWiseLoss', loss_weight=-1.0)), r'model\.texture_opt\.loss_weight'),
     (dict(network_kr=dict(type='NoSuchKRNet')), r'model\.network_kr\.type'),
     (dict(pairs=[('body.1', 'body.9')]), r'model\.pairs \(student module names\).*body\.0'),

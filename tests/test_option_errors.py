@@ -18,7 +18,7 @@ def _prepare(opt):
 
 @pytest.mark.parametrize('edit,match', [
     (lambda o: o['train'].update(optim_kr=dict(type='Adam', lr=-1e-3)), r'train\.optim_kr\.lr'),
-    (lambda o: o['meta'].update(inner_lr='1e-4'), r'meta\.inner_lr.*1\.0e-4'),
+    (lambda o: o['meta'].update(fd_eps='1e-4'), r'meta\.fd_eps.*1\.0e-4'),
     (lambda o: o['meta'].update(every=0), r'meta\.every'),
     (lambda o: o['meta'].update(fd_eps='0.01x'), r'meta\.fd_eps'),
     (lambda o: o['train'].update(max_nonfinite=0), r'train\.max_nonfinite'),

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 from pathlib import Path
 
 import pytest
@@ -27,7 +26,7 @@ from basicsr.utils.options import ordered_yaml
 from basicsr.utils.registry import ARCH_REGISTRY, DATASET_REGISTRY, LOSS_REGISTRY, METRIC_REGISTRY, MODEL_REGISTRY
 
 from krdistill.distiller import probe
-from krdistill.metakd import check_meta_options
+from krdistill.meta_options import check_meta_options
 from krdistill.build import build_module
 from krdistill.models.kd_model import KD_KEYS, KDSRModel
 
@@ -48,12 +47,10 @@ SCHEDULERS = {
 }
 #: losses that would download weights when built (VGG); only their type is checked
 NO_BUILD_LOSSES = ('PerceptualLoss', )
-META_KEYS = {'every', 'mode', 'inner_lr', 'precond', 'update', 'fd_eps', 'adapters', 'virtual_step', 'teacher_weight',
-             'objective', 'horizon_decay', 'horizon_stride', 'horizon_terms', 'start'}
-META_CHOICES = {'mode': ('exact', 'finite_difference'), 'precond': ('none', 'adam'),
-                'update': ('meta', 'joint', 'frozen'), 'adapters': ('meta', 'joint', 'student'),
-                'virtual_step': ('plain', 'optimizer'), 'objective': ('one_step', 'horizon'),
-                'horizon_terms': ('all', 'one')}
+META_KEYS = {'every', 'mode', 'update', 'fd_eps', 'virtual_step', 'objective', 'horizon_decay', 'horizon_stride',
+             'horizon_terms', 'start', 'dataset'}
+META_CHOICES = {'mode': ('exact', 'finite_difference'), 'update': ('meta', 'joint', 'frozen'),
+                'virtual_step': ('optimizer', ), 'objective': ('one_step', 'horizon'), 'horizon_terms': ('all', 'one')}
 #: KRNet channels used when a file has no distillation points to read them from
 DUMMY_CHANNELS = 64
 
@@ -410,9 +407,6 @@ def test_metakd_block(path):
     for key, choices in META_CHOICES.items():
         if key in meta:
             assert meta[key] in choices, f'meta.{key}: {meta[key]!r} is not one of {choices}'
-    if meta.get('inner_lr') is not None:
-        lr = meta['inner_lr']
-        assert isinstance(lr, (int, float)) and lr > 0 and math.isfinite(lr), f'meta.inner_lr: > 0 or null, got {lr!r}'
     if 'fd_eps' in meta:
         eps = meta['fd_eps']
         assert isinstance(eps, (int, float)) and eps > 0, f'meta.fd_eps: > 0, got {eps!r}'
@@ -427,8 +421,12 @@ def test_bench_protocol_files(path):
     from krdistill.archs.krnet_arch import KRNet
     from krbench.benchmark import build_net, load_config  # tools/ (tests/conftest.py)
     from krdistill.losses import kd_loss
-    from krdistill.metakd import check_meta_options
-    cfg = load_config(path)
+    from krdistill.meta_options import REMOVED_KRNET_KEYS, check_meta_options, check_removed
+    if 'base' in (yaml.safe_load(path.read_text()) or {}):  # a derived config: the base updated by the rest
+        import gpu_protocol  # tools/ (tests/conftest.py)
+        cfg = gpu_protocol.load_protocol(path)
+    else:
+        cfg = load_config(path)
     build_net(copy.deepcopy(cfg['student']['network']))
     assert len(cfg['kd']['teacher_layers']) == len(cfg['kd']['student_layers'])
     for name, m in cfg['methods'].items():
@@ -437,5 +435,6 @@ def test_bench_protocol_files(path):
             cls = getattr(kd_loss, pc.pop('type'))
             (cls(8, 8, **pc) if cls is kd_loss.FitNetLoss else cls(**pc))
         if 'metakd' in m:
+            check_removed(m['metakd'].get('krnet', {}), f'{path.name}: methods.{name}.metakd.krnet', REMOVED_KRNET_KEYS)
             KRNet(8, 8, **m['metakd'].get('krnet', {}))
             check_meta_options(m['metakd'].get('meta', {}), key=f'{path.name}: methods.{name}.metakd.meta')

@@ -97,6 +97,8 @@ def test_metakd_option_virtual_step_optimizer(tmp_path):
     model.feed_data(torch.utils.data.default_collate([ds[0], ds[1]]))
     model.optimize_parameters(1)
     assert model.get_current_log()['meta_grad_norm'] > 0
-    bad = tiny_metakd_opt(tmp_path / 'b', meta=dict(virtual_step='optimizer', precond='adam'))
-    with pytest.raises(ValueError, match=r'meta\.virtual_step'):
-        build_model(bad)
+    for bad_meta, error, match in ((dict(precond='adam'), KeyError, r'meta\.precond: removed; the virtual step is'),
+                                   (dict(virtual_step='plain'), ValueError, r"meta\.virtual_step: 'plain' was removed")):
+        bad = tiny_metakd_opt(tmp_path / 'b', meta=dict(bad_meta))
+        with pytest.raises(error, match=match):
+            build_model(bad)

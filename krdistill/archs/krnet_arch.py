@@ -128,13 +128,6 @@ class KRNet(nn.Module):
         hidden: generator width. Default 64.
         normalize: ``'rms'`` (default), ``'pixel'`` or ``'none'``; ``True``/``False`` mean
             ``'rms'``/``'none'``. See above.
-        gain: learn an overall strength ``g = exp(log_gain)`` (init 1) of this point's
-            texture supervision: the weights become ``g * softmax(...)`` and sum to ``g``
-            instead of 1. Trained by the meta objective, it lets the KRNet turn the whole
-            texture term down where it hurts the student's reconstruction and up where it
-            helps ("transmit knowledge in accordance with the abilities of students"); the
-            softmax alone can only redistribute a fixed total. Meaningless with
-            ``update='joint'`` (minimising the texture loss drives ``g`` to 0). Default False.
         fitnet_branch: add FitNet's representation beside the textures: a learned 1x1
             regressor ``R`` (``Cs -> Ct``, with bias, as :class:`~krdistill.losses.kd_loss.FitNetLoss`)
             and the raw teacher feature, compared by ``TextureWiseLoss`` as
@@ -144,7 +137,7 @@ class KRNet(nn.Module):
             step still gets the meta gradient and can come back) and start at ``b_fit = 1``, ``b_tex = texture_init``
             (default 0), so the family contains FitNet and, at initialisation, *is* FitNet: the meta
             objective has to earn every bit of texture supervision on top of it. ``R`` is a regressor
-            and is trained on the student objective (like FitNet's). Excludes ``gain``. Default False.
+            and is trained on the student objective (like FitNet's). Default False.
         texture_init: initial ``b_tex`` with ``fitnet_branch``. Default 0.
         learn_fitnet_weight: with ``fitnet_branch``, whether ``b_fit`` is learned (default True) or
             kept at 1 (a fixed hand-crafted prior; ``False`` makes it a frozen parameter, still in the
@@ -157,7 +150,7 @@ class KRNet(nn.Module):
         - feat_t: ``B x Ct x H' x W'`` (teacher feature, detached by the caller); resized
           bilinearly to ``H x W`` when the sizes differ.
         - returns a dict: ``tex_s``, ``tex_t``: ``B x N x C x H x W``; ``weights``: ``B x N``
-          (sums to 1, or to ``g`` with ``gain=True``); ``kernels``: ``B x N x k x k`` (per-sample
+          (sums to 1, or to ``b_tex`` with a FitNet branch); ``kernels``: ``B x N x k x k`` (per-sample
           and static) or ``B x N x k*k x H x W`` (per-pixel).
 
     Example:
@@ -179,7 +172,6 @@ class KRNet(nn.Module):
                  per_pixel: bool = False,
                  hidden: int = 64,
                  normalize: str | bool = 'rms',
-                 gain: bool = False,
                  eps: float = 1e-6,
                  fitnet_branch: bool = False,
                  texture_init: float = 0.0,
@@ -202,8 +194,6 @@ class KRNet(nn.Module):
             raise ValueError(f'KRNet: normalize must be one of {_NORMALIZE}, got {normalize!r}.')
         if per_pixel and not dynamic:
             raise ValueError('KRNet: per_pixel=True needs dynamic=True (static kernels are the same everywhere).')
-        if fitnet_branch and gain:
-            raise ValueError('KRNet: fitnet_branch has its own learned texture weight; do not set gain as well.')
         if isinstance(texture_init, bool) or not isinstance(texture_init, (int, float)) or texture_init < 0:
             raise ValueError(f'KRNet: texture_init must be a number >= 0, got {texture_init!r}.')
 
@@ -218,7 +208,6 @@ class KRNet(nn.Module):
         self.per_pixel = bool(per_pixel)
         self.hidden = int(hidden)
         self.normalize = normalize
-        self.gain = bool(gain)
         self.eps = float(eps)
 
         c, n, taps = self.width, self.num_kernels, self.kernel_size**2
@@ -249,8 +238,6 @@ class KRNet(nn.Module):
             self.gen_in_channels = 0
             self.kernel_bank = nn.Parameter(bank)  # N x k*k
             self.weight_logits = nn.Parameter(torch.zeros(n))
-        if self.gain:
-            self.log_gain = nn.Parameter(torch.zeros(()))
         if self.fitnet_branch:
             self.fitnet_weight = nn.Parameter(torch.ones(()))
             self.texture_weight = nn.Parameter(torch.full((), float(texture_init)))
@@ -265,9 +252,18 @@ class KRNet(nn.Module):
         return (f's_channels={self.s_channels}, t_channels={self.t_channels}, width={self.width}, '
                 f'num_kernels={self.num_kernels}, kernel_size={self.kernel_size}, corr_radius={self.corr_radius}, '
                 f'use_correlation={self.use_correlation}, dynamic={self.dynamic}, per_pixel={self.per_pixel}, '
-                f'hidden={self.hidden}, normalize={self.normalize!r}, gain={self.gain}, eps={self.eps:g}, '
+                f'hidden={self.hidden}, normalize={self.normalize!r}, eps={self.eps:g}, '
                 f'fitnet_branch={self.fitnet_branch}' +
                 (f', learn_fitnet_weight={self.fitnet_weight.requires_grad}' if self.fitnet_branch else ''))
+
+    def branch_weights(self) -> list[tuple[str, nn.Parameter]]:
+        """The FitNet branch's weights, ``[('tex', b_tex), ('fit', b_fit)]`` (empty without the branch)."""
+        return [('tex', self.texture_weight), ('fit', self.fitnet_weight)] if self.fitnet_branch else []
+
+    def student_trained_parameters(self) -> list[nn.Parameter]:
+        """Parameters trained on the student objective, not the meta objective: the FitNet branch's
+        regressor (a regressor, trained like FitNet's)."""
+        return list(self.regressor.parameters()) if self.fitnet_branch else []
 
     # ----------------------------------------------------------------------------------------
     def _norm(self, p: Tensor) -> Tensor:
@@ -346,8 +342,6 @@ class KRNet(nn.Module):
         else:
             kernels = _normalize_taps(self.kernel_bank, dim=1, eps=self.eps).view(1, n, k, k).expand(b, n, k, k)
             weights = torch.softmax(self.weight_logits, dim=0).unsqueeze(0).expand(b, n)
-        if self.gain:
-            weights = weights * self.log_gain.exp()
         extra = {}
         if self.fitnet_branch:
             b_tex = _nonneg(self.texture_weight)

@@ -9,8 +9,8 @@ Adds to the teacher/student base (teacher, distillation points, checks, checkpoi
 - ``train.texture_opt``: the texture-wise loss (``TextureWiseLoss``); ``train.output_kd_opt``;
 - ``train.optim_kr``: the KRNets' own optimizer (default: ``optim_g``'s settings); appended to
   ``self.optimizers`` so schedulers and resume handle it;
-- ``meta:`` ``every``, ``mode``, ``inner_lr``, ``precond``, ``update``, ``fd_eps``, ``adapters``
-  (:data:`krdistill.metakd.META_DEFAULTS`) and ``dataset`` (optional): a BasicSR dataset block
+- ``meta:`` the options of :class:`krdistill.meta_options.MetaOptions` (checked once, by
+  :func:`krdistill.build.build_metakd`) and ``dataset`` (optional): a BasicSR dataset block
   for the meta batches (a held-out split; random crops like ``datasets.train``). Without it the
   meta batch is the previous training batch. It lives in ``meta:`` because BasicSR's loop
   accepts no dataset phase other than train and val.
@@ -32,7 +32,7 @@ from basicsr.utils.registry import MODEL_REGISTRY
 
 from ..build import BASICSR_KEYS, build_metakd, build_optimizer
 from ..io import load_weights
-from ..metakd import check_meta_options, check_number
+from ..meta_options import check_number
 from .teacher_model import TeacherStudentModel
 
 __all__ = ['MetaKDModel']
@@ -44,7 +44,7 @@ class MetaKDModel(TeacherStudentModel):
 
     def build_algorithm(self):
         opt, train_opt = self.opt, self.opt['train']
-        meta = check_meta_options(opt.get('meta'), extra_keys=('dataset', ))
+        meta = dict(opt.get('meta') or {})  # checked once, by build_metakd (meta.dataset: here)
         if (opt.get('datasets') or {}).get('meta'):
             raise KeyError('datasets.meta: move this block to meta.dataset (BasicSR\'s loop accepts only train and '
                            'val dataset phases)')

@@ -15,7 +15,7 @@ model = dict(
     network_kr=dict(type='KRNet', width=8, num_kernels=4, kernel_size=3, corr_radius=1, hidden=8),
     texture_opt=dict(type='TextureWiseLoss', loss_weight=1.0, criterion='l1'),
     pixel_opt=dict(type='L1Loss', loss_weight=1.0),
-    meta=dict(every=1, mode='exact', inner_lr=None, precond='none', update='meta', fd_eps=0.01),
+    meta=dict(every=1, mode='exact', update='meta', objective='one_step', fd_eps=0.01),
 )
 
 train_dataloader = dict(

@@ -36,7 +36,7 @@ import sys
 import time
 import warnings
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from functools import wraps
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -60,7 +60,7 @@ METHOD_LABELS = {
     'bicubic': 'bicubic', 'teacher': 'teacher', 'student_alone': 'student alone', 'output_kd': 'output KD',
     'fitnet': 'FitNet', 'at': 'AT', 'fakd': 'FAKD', 'metakd_exact': 'MetaKD (exact)',
     'metakd_fd': 'MetaKD (finite difference)', 'fitnet_out': 'FitNet + output KD',
-    'metakd_frozen': 'MetaKD frozen at init', 'metakd_v1': 'MetaKD, first version (gain, Adam-preconditioned)',
+    'metakd_frozen': 'MetaKD frozen at init',
     'fitnet_out_fastreg': 'FitNet + output KD, regressor at lr 1e-2',
     'metakd_onestep': 'MetaKD, one-step objective (v3)',
     'metakd_late': 'MetaKD (quiz split, late start, horizon)',
@@ -442,18 +442,22 @@ def _keys(method: str) -> dict:
                 texture_opt=f'{m}.metakd.texture', meta=f'{m}.metakd.meta')
 
 
-def _timed(fn, sync, acc: list):
-    """``fn`` with its (device-synchronised) seconds appended to ``acc``."""
-    @wraps(fn)
-    def timed(*args, **kwargs):
+def _meta_step_timer(sync, acc: list):
+    """A phase hook (``Distiller.set_phase_hook``) appending each meta step's (device-synchronised)
+    seconds to ``acc``."""
+    @contextmanager
+    def phase(name):
+        if name != 'meta_step':
+            yield
+            return
         sync()
         t0 = time.perf_counter()
         try:
-            return fn(*args, **kwargs)
+            yield
         finally:
             sync()
             acc.append(time.perf_counter() - t0)
-    return timed
+    return phase
 
 
 def _measure_it(i: int, total: int, n_meta: int, every: int) -> int:
@@ -545,11 +549,10 @@ def run_job(spec: dict) -> dict:
     opt_kr = build_optimizer(optim_kr, algo.kr_parameters(), key=f'methods.{spec["method"]}.metakd.optim_kr') \
         if is_meta else None
     sched_kr = _lr_schedule(opt_kr, iters) if opt_kr is not None else None
-    every = algo.meta['every'] if is_meta else 1
+    every = algo.meta.every if is_meta else 1
     meta_times: list[float] = []
-    if is_meta:  # the meta step's time, synchronised (instrumentation only: the algorithm is unchanged)
-        algo.meta_grad = _timed(algo.meta_grad, sync, meta_times)
-        algo.horizon_grad = _timed(algo.horizon_grad, sync, meta_times)
+    if is_meta:  # the meta step's time, synchronised (the algorithm's phase hook)
+        algo.set_phase_hook(_meta_step_timer(sync, meta_times))
     meta_iters = 0  # iterations with a meta step (one-step, horizon or both)
     order = batch_order(len(hr_f), iters, batch, seed)
 

@@ -64,7 +64,6 @@ import tempfile
 import time
 from collections import OrderedDict
 from contextlib import ExitStack, contextmanager
-from functools import wraps
 from pathlib import Path
 
 import torch
@@ -218,7 +217,7 @@ def build_options(method: str, cfg: dict, teacher_ckpt: str, root: str) -> dict:
         opt['network_kr'] = kr
         train['texture_opt'] = dict(type='TextureWiseLoss', loss_weight=1.0, criterion='l1')
         train['optim_kr'] = dict(type='Adam', lr=cfg['lr'], betas=[0.9, 0.999])
-        opt['meta'] = dict(dict(every=1, mode='exact', inner_lr=None, precond='none', update='meta', fd_eps=0.01),
+        opt['meta'] = dict(dict(every=1, mode='exact', update='meta', objective='one_step', fd_eps=0.01),
                            **spec['meta'])
     return opt
 
@@ -263,7 +262,7 @@ def _peak_rss_kib(reset_ok: bool) -> int:
 
 # ---------------------------------------------------------------------------- phase timers
 class _PhaseTimer:
-    """Accumulates seconds per phase name; wraps callables with (CUDA-synchronised) timing."""
+    """Accumulates seconds per phase name, timed through the algorithm's phase hook (:meth:`phase`)."""
 
     def __init__(self, device: str):
         self.cuda = device == 'cuda'
@@ -287,64 +286,41 @@ class _PhaseTimer:
             if self.cycles:
                 self.cycles[-1][name] = self.cycles[-1].get(name, 0.0) + seconds
 
-    def wrap(self, fn, name, meta_prefix=True, enters_meta=False):
-        timer = self
-
-        @wraps(fn)
-        def timed(*args, **kwargs):
-            key = (('meta.' if timer.in_meta else 'step.') + name) if meta_prefix else name
-            timer.sync()
-            t0 = time.perf_counter()
-            if enters_meta:
-                timer.in_meta = True
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                if enters_meta:
-                    timer.in_meta = False
-                timer.sync()
-                timer.add(key, time.perf_counter() - t0)
-        return timed
-
-    def wrap_grads(self, fn):
-        timer = self
-
-        @wraps(fn)
-        def timed(loss, inputs, create_graph=False):
-            key = 'meta.autograd_create_graph' if create_graph else 'meta.autograd'
-            timer.sync()
-            t0 = time.perf_counter()
-            try:
-                return fn(loss, inputs, create_graph=create_graph)
-            finally:
-                timer.sync()
-                timer.add(key, time.perf_counter() - t0)
-        return timed
+    @contextmanager
+    def phase(self, name: str):
+        """The algorithm's phase hook (``Distiller.set_phase_hook``): (CUDA-synchronised) seconds per
+        phase; ``student_forward`` / ``kd_terms`` / ``autograd*`` inside the meta step are ``meta.*``,
+        outside it ``step.*``."""
+        if name in ('teacher_forward', 'meta_step'):
+            key = name
+        else:
+            key = ('meta.' if self.in_meta else 'step.') + name
+        entered = name == 'meta_step' and not self.in_meta
+        self.sync()
+        t0 = time.perf_counter()
+        if entered:
+            self.in_meta = True
+        try:
+            yield
+        finally:
+            if entered:
+                self.in_meta = False
+            self.sync()
+            self.add(key, time.perf_counter() - t0)
 
 
 @contextmanager
 def _instrument(model, timer: _PhaseTimer):
+    """Time the phases of ``model``'s algorithm through its phase hook (no code is replaced)."""
     dist = getattr(model, 'distiller', None)
     if dist is None:
         yield
         return
-    dist.teacher_forward = timer.wrap(dist.teacher_forward, 'teacher_forward', meta_prefix=False)
-    dist.student_forward = timer.wrap(dist.student_forward, 'student_forward')
-    dist.kd_terms = timer.wrap(dist.kd_terms, 'kd_terms')
-    patched = None
-    if hasattr(dist, 'meta_grad'):  # MetaKD: the meta step (virtual step + meta gradient)
-        from krdistill import meta as meta_mod
-        dist.meta_grad = timer.wrap(dist.meta_grad, 'meta_step', meta_prefix=False, enters_meta=True)
-        # krdistill.meta has no public hook for its autograd calls: its module-level helper is wrapped
-        patched = (meta_mod, meta_mod.grads_or_zeros)
-        meta_mod.grads_or_zeros = timer.wrap_grads(meta_mod.grads_or_zeros)
+    dist.set_phase_hook(timer.phase)
     try:
         yield
     finally:
-        for name in ('teacher_forward', 'student_forward', 'kd_terms', 'meta_grad'):
-            dist.__dict__.pop(name, None)
-        if patched is not None:
-            patched[0].grads_or_zeros = patched[1]
+        dist.set_phase_hook(None)
 
 
 def _phases_per_iter(totals: dict, counts: dict | None, total: float, iters: int) -> dict:
