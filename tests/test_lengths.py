@@ -34,7 +34,7 @@ def test_lengths_tiny_run_summary_and_resume(tmp_path, data_root):  # noqa: F811
     assert [e['iters'] for e in s['lengths']] == [4, 8]
     runs = json.loads((out / 'lengths.json').read_text())['runs']
     assert len(runs) == 4 * 2 + 4 * 1
-    for name in ('lengths.md', 'lengths.png', 'reference.json'):
+    for name in ('lengths.md', 'lengths.png', 'reference.json', 'gap_curves_8.png'):
         assert (out / name).is_file(), name
     e4 = s['lengths'][0]
     rows = {r['method']: r for r in e4['rows']}

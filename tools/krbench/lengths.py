@@ -107,6 +107,7 @@ def run_lengths(config: str | dict, data_root, out, teacher_ckpt: str | None = N
     (out / 'lengths.md').write_text(md)
     if plot:
         plot_lengths(summary, out / 'lengths.png')
+        plot_gap_curves(runs, max(lengths), out / f'gap_curves_{max(lengths)}.png')
     log(f'lengths done in {(time.time() - t0) / 60:.1f} min; {out / "lengths.md"}')
     print(md, flush=True)
     return summary
@@ -234,6 +235,42 @@ def plot_lengths(s: dict, path: Path) -> None:
         ax.set_ylabel(f'{t}: gain over student alone (dB)')
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def plot_gap_curves(runs: dict, iters: int, path: Path, val: str = 'Set5') -> None:
+    """Along the runs of length ``iters``: each method's validation PSNR minus the same-seed
+    student alone's at the same iteration (mean over seeds, each seed faint): where a gain comes
+    from a faster start, it peaks early and shrinks."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    by: dict[str, dict[int, dict]] = {}
+    for r in runs.values():
+        if r['iters'] == iters and r.get('curve'):
+            by.setdefault(r['method'], {})[r['seed']] = {p['it']: p['psnr'] for p in r['curve']}
+    alone = by.pop('student_alone', {})
+    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=90)
+    for m, seeds in by.items():
+        diffs = []
+        for sd, c in seeds.items():
+            if sd in alone:
+                its = sorted(set(c) & set(alone[sd]))
+                diffs.append((its, [c[i] - alone[sd][i] for i in its]))
+        if not diffs:
+            continue
+        its = sorted(set.intersection(*[set(d[0]) for d in diffs]))
+        mean = [np.mean([dict(zip(*d))[i] for d in diffs]) for i in its]
+        line, = ax.plot(its, mean, lw=1.3, label=METHOD_LABELS.get(m, m))
+        for d in diffs:
+            ax.plot(d[0], d[1], lw=0.6, alpha=0.35, color=line.get_color())
+    ax.axhline(0, color='grey', lw=0.8)
+    ax.set_xlabel(f'iteration (runs of {iters}, cosine to 0 at the end)')
+    ax.set_ylabel(f'{val} validation PSNR - student alone (dB)')
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
