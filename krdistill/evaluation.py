@@ -136,8 +136,11 @@ def load_network(net: nn.Module, path: str | os.PathLike, param_key: str | None 
     BasicSR's test), else ``state_dict`` (mmengine), else a bare state dict. ``module.`` prefixes
     are removed; a state holding a non-finite tensor is refused (:class:`krdistill.io.NonFiniteError`);
     ``key`` names the file's source in messages. Returns ``net`` in eval mode."""
-    state = strip_prefix(state_dict_from(load_checkpoint(path, key), param_key or 'auto', str(path), '--param-key'))
-    check_finite(state, path, key)
+    ckpt = load_checkpoint(path, key)
+    if param_key is None and isinstance(ckpt, dict):  # 'auto', with the key it picks named in messages
+        param_key = next((k for k in ('params_ema', 'params', 'state_dict') if isinstance(ckpt.get(k), dict)), None)
+    state = strip_prefix(state_dict_from(ckpt, param_key, str(path), '--param-key'))
+    check_finite(state, path, key, prefix=param_key or '')
     try:
         net.load_state_dict(state, strict=True)
     except RuntimeError as e:
@@ -160,6 +163,8 @@ def find_checkpoints(path: str | os.PathLike) -> list[tuple[str, Path, dict | No
     path = Path(path)
     if path.is_file():
         return [(path.stem, path, None)]
+    if not path.exists():
+        raise FileNotFoundError(f'checkpoint: no such file or folder: {path}')
     runs = path / 'runs' if (path / 'runs').is_dir() else path
     found = []
     for ck in sorted(runs.glob('*/student.pth')):
@@ -187,7 +192,7 @@ def evaluate_checkpoints(checkpoints: Sequence[str | os.PathLike], hr_dir, scale
             opt = network or net_opt
             if opt is None:
                 raise ValueError(f'{path}: give the architecture with -opt (network_g) or --preset')
-            net = load_network(build_network(opt), path, param_key, key=f'checkpoint {ck}').to(device)
+            net = load_network(build_network(opt), path, param_key).to(device)
             try:
                 results[name] = evaluate(net, pairs, scale, device)
             except FloatingPointError as e:

@@ -102,3 +102,29 @@ def test_presets_build():
     net = ev.build_network(ev.PRESETS['edsr-f16b4-x4'])
     n = sum(p.numel() for p in net.parameters())
     assert 35_000 < n < 45_000  # EDSR 16/4 x4: 0.040 M (CPU-PROTOCOL.md)
+
+
+class SquareUpTest(NearestUpTest):
+    """Nearest upsampling plus ``dummy ** 2``: finite weights whose output overflows for a large dummy."""
+
+    def forward(self, x):
+        return nn.functional.interpolate(x, scale_factor=self.scale, mode='nearest') + self.dummy * self.dummy
+
+
+if 'SquareUpTest' not in ARCH_REGISTRY:
+    ARCH_REGISTRY.register(SquareUpTest)
+
+
+def test_evaluate_refuses_to_score_a_non_finite_output(tmp_path, capsys):
+    """Finite weights (1e30) whose output overflows to inf: not scored, the image is named, exit code 1."""
+    hr_dir, lr_dir, _ = _folders(tmp_path)
+    ckpt = tmp_path / 'overflow.pth'
+    torch.save({'params': {'dummy': torch.tensor([1e30])}}, ckpt)
+    opt = tmp_path / 'opt.yml'
+    opt.write_text(yaml.safe_dump({'network_g': {'type': 'SquareUpTest', 'scale': 2}}))
+    args = [str(ckpt), '-opt', str(opt), '--hr-dir', str(hr_dir), '--lr-dir', str(lr_dir), '--scale', '2']
+    assert ev.main(args) == 1
+    err = capsys.readouterr().err
+    assert 'overflow.pth' in err and 'im0' in err and 'non-finite' in err and 'not scored' in err
+    torch.save({'params': {'dummy': torch.tensor([1.0])}}, ckpt)  # the same network with a finite output scores
+    assert ev.main(args) == 0 and '| overflow |' in capsys.readouterr().out
