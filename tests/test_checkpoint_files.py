@@ -247,3 +247,16 @@ def test_teacher_with_nan_weight_never_trains(tmp_path):
     with pytest.raises(NonFiniteError, match=r'^path\.pretrain_network_t: .*teacher\.pth holds non-finite'):
         _run(tmp_path, opt)
     _assert_not_started(tmp_path, opt)
+
+
+def test_mmengine_checkpoint_with_nan_is_refused(tmp_path):
+    pytest.importorskip('mmengine')
+    import krdistill.mmengine  # noqa: F401  (applies the checkpoint loader wrapper)
+    from mmengine.runner.checkpoint import CheckpointLoader
+    path = tmp_path / 'epoch_1.pth'
+    torch.save({'meta': {'epoch': 1}, 'state_dict': {'student.conv.weight': torch.ones(2)},
+                'optimizer': {'state': {0: {'exp_avg': torch.tensor([0.0, float('nan')])}}}}, path)
+    with pytest.raises(NonFiniteError, match=r'epoch_1\.pth holds non-finite .*optimizer\.state\.0\.exp_avg \(1 NaN'):
+        CheckpointLoader.load_checkpoint(str(path), map_location='cpu')
+    torch.save({'meta': {'epoch': 1}, 'state_dict': {'student.conv.weight': torch.ones(2)}}, path)
+    assert CheckpointLoader.load_checkpoint(str(path), map_location='cpu')['meta']['epoch'] == 1

@@ -18,6 +18,8 @@ methods as ``getattr(HistoryBuffer, 'min')``), :func:`history_buffer_getattr`, w
 those references. Loads stay ``weights_only=True``: a checkpoint that pickles anything else (code,
 arbitrary classes, other ``getattr`` calls) is still refused, as torch intends. We do not switch
 to ``weights_only=False``, which would execute arbitrary pickled code from any ``load_from`` URL.
+A checkpoint holding a NaN or infinite tensor (weights or optimizer states) is refused, naming the
+file and the tensors (:func:`krdistill.io.check_finite`).
 
 If you trust a checkpoint that needs more types, add them with
 ``torch.serialization.add_safe_globals([...])`` (or pass ``extra`` to :func:`apply`).
@@ -90,8 +92,11 @@ def apply(extra: list | None = None) -> None:
 
     @functools.wraps(orig)
     def load_checkpoint(cls, filename, map_location=None, logger='current'):
+        from ..io import check_finite
         with safe_globals(list(CHECKPOINT_GLOBALS)):
-            return orig(cls, filename, map_location, logger)
+            ckpt = orig(cls, filename, map_location, logger)
+        check_finite(ckpt, filename, 'mmengine checkpoint (load_from / resume)')  # weights, optimizer states
+        return ckpt
 
     load_checkpoint._krdistill_wrapped = True
     CheckpointLoader.load_checkpoint = classmethod(load_checkpoint)
