@@ -78,6 +78,13 @@ def write_image(path: str | os.PathLike, img: np.ndarray, compress_level: int = 
         raise OSError(f'cannot write image {path}')
 
 
+def _check_is_file(path: str, key: str) -> None:
+    if osp.isdir(path):
+        raise IsADirectoryError(f'{key}: {path} is a folder, not a file')
+    if not osp.isfile(path):
+        raise FileNotFoundError(f'{key}: no such file: {path}')
+
+
 # ------------------------------------------------------------------------------------------ option files
 class OptionFileError(ValueError):
     """An option (YAML) file krdistill will not read: a tag that could run code, broken YAML, or no
@@ -102,7 +109,7 @@ class SafeOrderedLoader(_YAML_BASE):
 
     Only YAML's standard types are constructed (strings, numbers, booleans, null, timestamps,
     binary, lists, mappings, sets, ordered maps): a Python tag such as
-    ``!!python/object/apply:os.system`` raises :class:`OptionFileError` and nothing is run.
+    ``!!python/object/apply:os.system`` raises :class:`UnsafeYAMLError` and nothing is run.
     :func:`load_yaml` checks the whole document first, so every refused tag is listed at once.
     """
 
@@ -164,14 +171,13 @@ def load_yaml(path: str | os.PathLike, key: str = '-opt') -> Any:
     """The YAML document in ``path``, read safely (:class:`SafeOrderedLoader`); ``None`` when empty.
 
     The document is composed first (parsing only, nothing constructed) and refused with
-    :class:`OptionFileError` if any node carries a tag that could construct a Python object; the
+    :class:`UnsafeYAMLError` if any node carries a tag that could construct a Python object; the
     message names ``key`` (the option that named the file), the file, and each tag with its line
     and option key. A missing file raises ``FileNotFoundError``; unreadable text or broken YAML,
     :class:`OptionFileError`; both name ``key`` and the file.
     """
     path = str(path)
-    if not osp.isfile(path):
-        raise FileNotFoundError(f'{key}: no such file: {path}' + (' (a folder)' if osp.isdir(path) else ''))
+    _check_is_file(path, key)
     try:
         with open(path, encoding='utf-8') as f:
             loader = SafeOrderedLoader(f)
@@ -271,8 +277,7 @@ def load_checkpoint(path: str | os.PathLike, key: str = 'checkpoint', safe_globa
     ``safe_globals``: extra classes allowed while loading (e.g. mmengine's log buffers).
     """
     path = str(path)
-    if not osp.isfile(path):
-        raise FileNotFoundError(f'{key}: no such file: {path}' + (' (a folder)' if osp.isdir(path) else ''))
+    _check_is_file(path, key)
     ctx = torch.serialization.safe_globals(list(safe_globals)) if safe_globals else contextlib.nullcontext()
     try:
         with ctx:

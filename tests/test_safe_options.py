@@ -142,6 +142,11 @@ def test_option_file_errors_name_the_file(tmp_path):
         assert str(e.value).startswith(f'-opt: {path}') and expected in str(e.value), (name, str(e.value))
     with pytest.raises(FileNotFoundError, match=f'-opt: no such file: {tmp_path / "missing.yml"}'):
         train_main(['-opt', str(tmp_path / 'missing.yml')], root_path=str(tmp_path))
+    with pytest.raises(IsADirectoryError, match=f'-opt: {tmp_path} is a folder, not a file'):
+        train_main(['-opt', str(tmp_path)], root_path=str(tmp_path))
+    (tmp_path / 'latin1.yml').write_bytes('name: caf\xe9\n'.encode('latin-1'))
+    with pytest.raises(OptionFileError, match='latin1.yml is not UTF-8 text'):
+        train_main(['-opt', str(tmp_path / 'latin1.yml')], root_path=str(tmp_path))
     assert not (tmp_path / 'experiments').exists()
 
 
@@ -223,7 +228,8 @@ def _basicsr(tmp_path: Path, script: str, yml: Path) -> subprocess.CompletedProc
     (checkout / 'basicsr').mkdir(parents=True, exist_ok=True)
     shutil.copy(Path(basicsr.__file__).parent / f'{script}.py', checkout / 'basicsr' / f'{script}.py')
     argv = [f'basicsr/{script}.py', '-opt', str(yml)]
-    code = prelude + f'import runpy, sys; sys.argv = {argv!r}; runpy.run_path("basicsr/{script}.py", run_name="__main__")'
+    code = prelude + f'import runpy, sys; sys.argv = {argv!r}; ' \
+        f'runpy.run_path("basicsr/{script}.py", run_name="__main__")'
     return subprocess.run([sys.executable, '-c', code], cwd=checkout, capture_output=True, text=True, env=env,
                           timeout=300)
 

@@ -170,7 +170,7 @@ def load_network_opt(opt_path: str, key: str = 'network_g') -> dict:
     """``network_g`` of an option file, read with krdistill's safe YAML loader (a Python tag is refused)."""
     try:
         opt = load_options(opt_path, '--opt')
-    except (OptionFileError, FileNotFoundError) as err:
+    except (OptionFileError, OSError) as err:
         raise ExportError(str(err)) from None
     if not isinstance(opt.get(key), dict):
         raise ExportError(f'--opt: {opt_path} has no {key} section')
@@ -202,7 +202,7 @@ def main(argv=None) -> int:
         if args.opt:
             n = verify(states, load_network_opt(args.opt))
             print(f'Verified: loads strictly into network_g of {args.opt}; {n:,} parameters')
-    except (ExportError, FileNotFoundError, NotADirectoryError, PermissionError) as err:
+    except (ExportError, OSError) as err:
         print(f'error: {err}', file=sys.stderr)
         return 1
     return 0

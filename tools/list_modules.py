@@ -201,7 +201,7 @@ def main(argv=None) -> int:
     size = (args.size[0], args.size[-1])
     try:
         opt = load_options(args.opt, '-opt')  # krdistill's safe YAML loader: a Python tag is refused
-    except (OptionFileError, FileNotFoundError) as err:
+    except (OptionFileError, OSError) as err:
         print(f'error: {err}', file=sys.stderr)
         return 1
     if args.pairs is not None:
