@@ -322,9 +322,9 @@ class TeacherStudentModel(SRModel):
             else:
                 folder = osp.dirname(getattr(e, 'filename', None) or final['models'])
                 detail = f'cannot write {getattr(e, "filename", None) or folder}: {write_error_cause(e, folder)}'
-            raise CheckpointError(f'saving iteration {current_iter} failed ({detail}). Nothing of iteration '
-                                  f'{current_iter} was kept, and no file written before was changed; '
-                                  f'{self.last_good_state()}') from e
+            raise CheckpointError(f'saving iteration {current_iter} failed ({detail}). No training state of '
+                                  f'iteration {current_iter} was written (resume never picks a half-saved iteration) '
+                                  f'and no earlier checkpoint was changed; {self.last_good_state()}') from e
 
     def last_good_state(self) -> str:
         """Where the run's last good state is, in words: the newest training state on disk, or none."""
