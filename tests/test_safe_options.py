@@ -265,3 +265,16 @@ def test_basicsr_scripts_leave_other_models_to_basicsr_with_a_warning(tmp_path):
     out = _basicsr(tmp_path, 'train', yml)
     assert 'krdistill autoload: warning' in out.stderr and 'not a krdistill run' in out.stderr, out.stderr[-3000:]
     assert 'refusing' not in out.stderr
+
+
+def test_the_hook_check_names_force_yml_and_tags(tmp_path):
+    """What the autoload check finds on a command line of BasicSR's scripts (no subprocess)."""
+    from krdistill.entry import basicsr_option_problem
+    yml = write_yaml(tiny_opt(tmp_path, total_iter=2), tmp_path / 'ok.yml')
+    assert basicsr_option_problem(['-opt', str(yml)]) is None
+    assert basicsr_option_problem(['-opt', str(yml), '--force_yml', 'train:total_iter=3']) is None
+    bad = basicsr_option_problem(['-opt', str(yml), '--force_yml', 'name=[__import__("os").getcwd()]'])
+    assert bad.startswith("--force_yml 'name=[") and 'not a plain list' in bad
+    tagged = _tagged(tmp_path, _train_opt(tmp_path), 'top', '!!python/name:os.getcwd')
+    assert '!!python/name:os.getcwd at line' in basicsr_option_problem(['-opt', str(tagged)])
+    assert basicsr_option_problem(['-opt', str(tmp_path / 'missing.yml')]) is None  # BasicSR reports it
