@@ -124,21 +124,28 @@ def test_overrides_last_only_for_the_call(tmp_path, monkeypatch):
     """Inside krdistill-train BasicSR's globals are krdistill's; after it (also after an error) BasicSR's own."""
     import basicsr.train as bt
     from basicsr.utils import dist_util
+    from basicsr.utils import options as bsr_options
     from krdistill import entry
+    from krdistill.io import SafeOrderedLoader
     from krdistill.train import main as train_main
-    own = (bt.load_resume_state, bt.create_train_val_dataloader, dist_util._init_dist_pytorch)
+    own = (bt.load_resume_state, bt.create_train_val_dataloader, dist_util._init_dist_pytorch,
+           bsr_options.ordered_yaml)
     seen = {}
 
     def spy(root_path):
-        seen['inside'] = (bt.load_resume_state, bt.create_train_val_dataloader, dist_util._init_dist_pytorch)
+        seen['inside'] = (bt.load_resume_state, bt.create_train_val_dataloader, dist_util._init_dist_pytorch,
+                          bsr_options.ordered_yaml)
         raise KeyboardInterrupt  # a run interrupted by the user
     monkeypatch.setattr(bt, 'train_pipeline', spy)
+    (tmp_path / 'x.yml').write_text('name: x\n')  # read (safely) before the pipeline starts
     with pytest.raises(KeyboardInterrupt):
-        train_main(['-opt', 'x.yml'], root_path=str(tmp_path))
+        train_main(['-opt', str(tmp_path / 'x.yml')], root_path=str(tmp_path))
     inside = seen['inside']
     assert inside[0].__self__.__class__.__name__ == '_TrainRun' and inside[2] is entry.init_dist_pytorch
+    assert inside[3]()[0] is SafeOrderedLoader  # BasicSR's parse_options reads the file with the safe loader
     assert all(a is not b for a, b in zip(inside, own))
-    assert (bt.load_resume_state, bt.create_train_val_dataloader, dist_util._init_dist_pytorch) == own
+    assert (bt.load_resume_state, bt.create_train_val_dataloader, dist_util._init_dist_pytorch,
+            bsr_options.ordered_yaml) == own
 
 
 def test_no_import_circle(tmp_path):
