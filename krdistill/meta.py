@@ -178,9 +178,9 @@ def optimizer_step(optimizer: torch.optim.Optimizer,
     """
     if not isinstance(optimizer, SUPPORTED_OPTIMIZERS):
         raise NotImplementedError(
-            f'{key}.type: meta.virtual_step: optimizer reproduces the steps of '
-            f'{[c.__name__ for c in SUPPORTED_OPTIMIZERS]}, not {type(optimizer).__name__}; use one of those '
-            'for the student')
+            f'{key}.type: {type(optimizer).__name__} is not supported: the meta step takes the student '
+            f'optimizer\'s own step (meta.virtual_step: optimizer), reproduced for '
+            f'{[c.__name__ for c in SUPPORTED_OPTIMIZERS]}; use one of those')
     items = list(named_params.items()) if isinstance(named_params, Mapping) else list(named_params)
     group_of = {id(p): g for g in optimizer.param_groups for p in g['params']}
     plans: dict[str, dict] = {}

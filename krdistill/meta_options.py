@@ -34,15 +34,15 @@ class MetaOptions:
         start: meta-learning starts after iteration ``start``; until then the run is the KRNets
             frozen at initialisation.
     """
-    every: int = 1
+    every: int = 16
     mode: str = 'exact'
     update: str = 'meta'
-    objective: str = 'one_step'
+    objective: str = 'horizon'
     virtual_step: str = 'optimizer'
     fd_eps: float = 1e-3
     horizon_decay: float = 0.99
-    horizon_stride: int = 1
-    horizon_terms: str = 'all'
+    horizon_stride: int = 4
+    horizon_terms: str = 'one'
     start: int = 0
 
 
@@ -50,7 +50,7 @@ class MetaOptions:
 META_DEFAULTS = dataclasses.asdict(MetaOptions())
 _CHOICES = dict(mode=('exact', 'finite_difference'), update=('meta', 'joint', 'frozen'),
                 objective=('one_step', 'horizon'), virtual_step=('optimizer', ), horizon_terms=('all', 'one'))
-#: removed keys (and removed values) -> what replaced them; the last commit that had them: 4c6383c
+#: removed keys (and removed values) -> what replaced them; the last commit that had them: 43f4d11
 REMOVED_META_KEYS = {
     'inner_lr': 'the virtual step is the student optimizer\'s own step (its lr from train.optim_g and the '
                 'scheduler): delete the key',

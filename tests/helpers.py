@@ -107,7 +107,8 @@ def tiny_metakd_opt(tmp_path: Path, meta: dict | None = None, **train_extra) -> 
                  optim_kr=dict(type='Adam', lr=1e-3, betas=[0.9, 0.999]))
     extra.update(train_extra)
     opt = tiny_opt(tmp_path, model_type='MetaKDModel', **extra)
-    opt['network_kr'] = dict(type='KRNet', width=8, num_kernels=4, kernel_size=3, corr_radius=1, hidden=8)
+    opt['network_kr'] = dict(type='KRNet', width=8, num_kernels=4, kernel_size=3, corr_radius=1, hidden=8,
+                             fitnet_branch=False)  # the texture representation alone
     opt['meta'] = {**dict(every=1, mode='exact', update='meta', objective='one_step', fd_eps=0.01),
                    **(meta or {})}
     return opt

@@ -27,7 +27,9 @@ class Tiny(nn.Module):
         return self.up(self.body(f) + f)
 
 
-KR = dict(type='KRNet', width=4, num_kernels=4, hidden=8)
+KR = dict(type='KRNet', width=4, num_kernels=4, hidden=8, fitnet_branch=False)
+#: these tests' meta step: every iteration, all of the (texture-only) KRNet on the one-step objective
+ONE_STEP = dict(every=1, objective='one_step')
 
 
 def _batch(seed, b=2, size=8):
@@ -39,6 +41,7 @@ def _batch(seed, b=2, size=8):
 
 def MetaKD(teacher, student, pairs, optim_kr=None, **kw):
     """build_metakd plus the KRNets' optimizer (kept as ``mkd.opt_kr`` for these tests)."""
+    kw['meta'] = {**ONE_STEP, **(kw.get('meta') or {})}
     mkd = build_metakd(teacher, student, [p[0] for p in pairs], [p[1] for p in pairs], **kw)
     mkd.opt_kr = build_optimizer(optim_kr or dict(type='Adam', lr=1e-4), mkd.kr_parameters())
     return mkd

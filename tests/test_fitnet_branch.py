@@ -8,7 +8,9 @@ import torch
 from krdistill.build import build_distiller, build_metakd, build_optimizer
 from test_api import Tiny, _batch
 
-KR = dict(type='KRNet', width=4, num_kernels=4, hidden=8, fitnet_branch=True)
+KR = dict(type='KRNet', width=4, num_kernels=4, hidden=8, fitnet_branch=True, learn_fitnet_weight=True)
+#: these tests' meta step: every iteration, on the one-step objective unless they say otherwise
+ONE_STEP = dict(every=1, objective='one_step')
 
 
 def _pair(seed=0, meta=None):
@@ -18,7 +20,7 @@ def _pair(seed=0, meta=None):
     mkd = build_metakd(teacher, student, ['body.1'], ['body.0'], network_kr=KR,
                        texture_opt=dict(type='TextureWiseLoss', loss_weight=1.0),
                        output_kd_opt=dict(type='OutputKDLoss', loss_weight=1.0),
-                       meta=dict(update='frozen') if meta is None else meta)
+                       meta=dict(update='frozen') if meta is None else {**ONE_STEP, **meta})
     ref = build_distiller(teacher, student2, ['body.1'], ['body.0'], kd_opt=dict(type='FitNetLoss', loss_weight=1.0),
                           output_kd_opt=dict(type='OutputKDLoss', loss_weight=1.0),
                           pixel_opt=dict(type='L1Loss', loss_weight=1.0))
@@ -95,7 +97,7 @@ def test_fixed_fitnet_weight_is_not_meta_learned():
     teacher, student = Tiny(8, 2), Tiny(4, 1)
     mkd = build_metakd(teacher, student, ['body.1'], ['body.0'], network_kr=dict(KR, learn_fitnet_weight=False),
                        texture_opt=dict(type='TextureWiseLoss', loss_weight=1.0),
-                       output_kd_opt=dict(type='OutputKDLoss', loss_weight=1.0), meta=dict(update='meta'))
+                       output_kd_opt=dict(type='OutputKDLoss', loss_weight=1.0), meta=dict(ONE_STEP, update='meta'))
     kr = mkd.krnets[0]
     assert all(p is not kr.fitnet_weight for p in mkd.kr_parameters())
     assert any(p is kr.texture_weight for p in mkd.meta_kr_parameters())
@@ -170,7 +172,8 @@ def test_frozen_at_init_is_fitnet_plus_output_kd_from_the_same_seed_without_copy
 
 
 @pytest.mark.parametrize('meta', [dict(update='frozen'),
-                                  dict(update='meta', every=2, objective='horizon', horizon_stride=2)])
+                                  dict(update='meta', every=2, objective='horizon', horizon_stride=2,
+                                       horizon_terms='all')])
 def test_leaving_out_the_texture_maps_at_zero_texture_weight_changes_nothing(meta):
     """MetaKD leaves a FitNet-branch KRNet's texture maps out of student steps while b_tex = 0 (except
     steps whose gradient to b_tex the horizon traces sample): the run is the same, value for value,

@@ -37,7 +37,7 @@ class Setup:
     def __init__(self, seed=0, per_pixel=False):
         torch.manual_seed(seed)
         self.student = TinyStudent().to(DT)
-        self.krnet = KRNet(s_channels=3, t_channels=4, num_kernels=2, hidden=4, per_pixel=per_pixel).to(DT)
+        self.krnet = KRNet(s_channels=3, t_channels=4, num_kernels=2, hidden=4, per_pixel=per_pixel, fitnet_branch=False).to(DT)
         g = torch.Generator().manual_seed(seed + 1)
         self.x = torch.rand(2, 1, 6, 6, generator=g, dtype=DT)
         self.y = torch.rand(2, 1, 6, 6, generator=g, dtype=DT)
@@ -183,7 +183,7 @@ def test_frozen_student_params_passed_through():
 def test_batchnorm_buffers_restored():
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.BatchNorm2d(2), nn.Conv2d(2, 1, 3, padding=1)).to(DT)
-    kr = KRNet(s_channels=2, t_channels=2, num_kernels=2, hidden=4).to(DT)
+    kr = KRNet(s_channels=2, t_channels=2, num_kernels=2, hidden=4, fitnet_branch=False).to(DT)
     rec = FeatureRecorder(net, ['1'])
     x, y = torch.rand(2, 1, 5, 5, dtype=DT), torch.rand(2, 1, 5, 5, dtype=DT)
 

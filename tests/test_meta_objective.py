@@ -168,7 +168,7 @@ def test_horizon_objective_trains_the_branch_weights_and_resumes_its_traces():
     z, z2 = mkd.objective.trace.z[0], other.objective.trace.z[0]
     assert z and all(torch.equal(z[n], z2[n]) for n in z)
     with pytest.raises(ValueError, match=r'meta\.objective: horizon .*fitnet_branch'):
-        build_metakd(Tiny(6, 2), Tiny(4, 1), ['body.1'], ['body.0'], network_kr=dict(type='KRNet', width=4),
+        build_metakd(Tiny(6, 2), Tiny(4, 1), ['body.1'], ['body.0'], network_kr=dict(type='KRNet', width=4, fitnet_branch=False),
                      meta=dict(objective='horizon'))
     with pytest.raises(ValueError, match=r'meta\.horizon_decay'):
         check_meta_options(dict(horizon_decay=1.5))

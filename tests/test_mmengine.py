@@ -70,7 +70,8 @@ def test_runner_trains_saves_and_resumes(tmp_path):
     assert not any(k.startswith('teacher') for k in state)
     assert any(k.startswith('student.') for k in state) and _krnets(state)
     assert set(final['optimizer']) == {'student', 'krnets'}
-    assert final['optimizer']['krnets']['state'][0]['step'] == 4  # the KRNet Adam stepped at every iteration
+    kr_state = final['optimizer']['krnets']['state']  # the KRNet Adam stepped at every iteration
+    assert kr_state and all(float(s['step']) == 4 for s in kr_state.values())
     assert state['_extra_state']['calls'] == 4 and len(state['_extra_state']['last_batch']) == 2
 
     # resume from iteration 2 in a fresh runner: iterations 3 and 4 reproduce run a exactly

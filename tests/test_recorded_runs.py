@@ -75,8 +75,8 @@ CASES = {
     # the converged-regime settings: meta-learning after iteration 8, a held-out meta split, every 4
     'late_held_out': lambda: _run(dict(RECOMMENDED, every=4, horizon_stride=2, start=8), 17, meta_data=_held_out()),
     # protocol v3's row: every KRNet parameter on the one-step objective
-    'one_step': lambda: _run(dict(every=4, mode='exact', virtual_step='optimizer', update='meta'), 9,
-                             kr=dict(KR, learn_fitnet_weight=True)),
+    'one_step': lambda: _run(dict(every=4, mode='exact', virtual_step='optimizer', update='meta',
+                                  objective='one_step'), 9, kr=dict(KR, learn_fitnet_weight=True)),
     # the control: the KRNets frozen at initialisation
     'frozen': lambda: _run(dict(every=4, mode='exact', virtual_step='optimizer', update='frozen'), 6),
 }
@@ -425,6 +425,18 @@ def test_metakd_trains_as_recorded(case):
     assert len(logs) == len(want_logs)
     for i, (got, want) in enumerate(zip(logs, want_logs)):
         assert sorted(got) == sorted(want), i
+        _close([got[k] for k in sorted(want)], [want[k] for k in sorted(want)])
+    _close(student, want_student)
+    _close(krnets, want_krnets)
+
+
+def test_the_defaults_are_the_recommended_method():
+    """A ``network_kr`` block with only its sizes and an empty ``meta:`` block train the recommended
+    method, value for value."""
+    logs, student, krnets = _run({}, 33, kr=dict(type='KRNet', width=4, num_kernels=4, hidden=8))
+    want_logs, want_student, want_krnets = RECORDED['recommended']
+    for got, want in zip(logs, want_logs):
+        assert sorted(got) == sorted(want)
         _close([got[k] for k in sorted(want)], [want[k] for k in sorted(want)])
     _close(student, want_student)
     _close(krnets, want_krnets)

@@ -98,7 +98,7 @@ def test_module_equals_function(reduction):
 
 def test_module_accepts_krnet_output():
     torch.manual_seed(0)
-    kr = KRNet(s_channels=3, t_channels=5, num_kernels=2, hidden=4)
+    kr = KRNet(s_channels=3, t_channels=5, num_kernels=2, hidden=4, fitnet_branch=False)
     out = kr(torch.randn(B, 3, H, W), torch.randn(B, 5, H, W))
     out2 = kr(torch.randn(B, 3, H, W), torch.randn(B, 5, H, W))
     mod = TextureWiseLoss(loss_weight=2.0)

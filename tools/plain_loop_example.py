@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> dict:
                        network_kr=dict(type='KRNet', width=8, num_kernels=4, hidden=16),
                        texture_opt=dict(type='TextureWiseLoss', loss_weight=1.0),
                        pixel_opt=dict(type='L1Loss', loss_weight=1.0),
-                       meta=dict(every=1, mode=args.mode))
+                       meta=dict(every=1, mode=args.mode))   # the rest: the recommended defaults
     opt_s = torch.optim.Adam(student.parameters(), 2e-3)
     opt_kr = build_optimizer(dict(type='Adam', lr=1e-3), mkd.kr_parameters())
     logs = {}

@@ -137,11 +137,11 @@ class KRNet(nn.Module):
             step still gets the meta gradient and can come back) and start at ``b_fit = 1``, ``b_tex = texture_init``
             (default 0), so the family contains FitNet and, at initialisation, *is* FitNet: the meta
             objective has to earn every bit of texture supervision on top of it. ``R`` is a regressor
-            and is trained on the student objective (like FitNet's). Default False.
+            and is trained on the student objective (like FitNet's). Default True (the recommended
+            method); ``False`` gives the texture representation alone, its weights summing to 1.
         texture_init: initial ``b_tex`` with ``fitnet_branch``. Default 0.
-        learn_fitnet_weight: with ``fitnet_branch``, whether ``b_fit`` is learned (default True) or
-            kept at 1 (a fixed hand-crafted prior; ``False`` makes it a frozen parameter, still in the
-            state dict). No meta objective we measured credits FitNet although it helps over a run
+        learn_fitnet_weight: with ``fitnet_branch``, whether ``b_fit`` is learned or kept at 1
+            (default False: a fixed hand-crafted prior, a frozen parameter still in the state dict). No meta objective we measured credits FitNet although it helps over a run
             (BENCHMARKS.md, credit table), so the recommended settings keep it at 1 and meta-learn
             the texture branch.
 
@@ -173,9 +173,9 @@ class KRNet(nn.Module):
                  hidden: int = 64,
                  normalize: str | bool = 'rms',
                  eps: float = 1e-6,
-                 fitnet_branch: bool = False,
+                 fitnet_branch: bool = True,
                  texture_init: float = 0.0,
-                 learn_fitnet_weight: bool = True) -> None:
+                 learn_fitnet_weight: bool = False) -> None:
         super().__init__()
         if isinstance(normalize, bool):
             normalize = 'rms' if normalize else 'none'

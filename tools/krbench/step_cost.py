@@ -77,7 +77,7 @@ __all__ = ['PRESETS', 'METHODS', 'DEFAULT_METHODS', 'make_config', 'build_option
 
 _EDSR = dict(type='EDSR', num_in_ch=3, num_out_ch=3, res_scale=1, img_range=255., rgb_mean=[0.4488, 0.4371, 0.4040])
 _KRNET = dict(type='KRNet', width=64, num_kernels=8, kernel_size=3, corr_radius=1, use_correlation=True,
-              dynamic=True, per_pixel=False, hidden=64)
+              dynamic=True, per_pixel=False, hidden=64, fitnet_branch=False)
 
 #: arch pairs: teacher / student options (``upscale`` = ``scale``), distillation points, KRNet options
 PRESETS = OrderedDict([
