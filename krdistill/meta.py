@@ -6,22 +6,24 @@ parameters :math:`\theta`, KRNet parameters :math:`\phi` and step size :math:`\a
 
 .. math::
 
-    \theta' = \theta - \alpha\, P^{-1} \nabla_\theta L_S(\theta, \phi), \qquad
+    \theta' = \theta - \alpha\, \nabla_\theta L_S(\theta, \phi), \qquad
     \nabla_\phi L_{meta}(\theta'(\phi)), \quad L_{meta}(\theta') = L_{pix}(S_{\theta'}(x_m), y_m)
 
-where :math:`P` is an optional constant preconditioner (Adam's
-:math:`\sqrt{\hat v} + \epsilon`, see :func:`adam_preconditioner`), 1 otherwise.
+or, with ``step_fn`` (what MetaKD uses), :math:`\theta'` the step the student's optimizer would take
+(:func:`optimizer_step`). The Adam / SGD state maths lives in one place, :func:`optimizer_state`,
+read by :func:`optimizer_step` and :class:`HorizonTrace`.
 
 * ``mode='exact'``: second order, autograd through the virtual step (``create_graph``).
-* ``mode='finite_difference'`` (DARTS, Liu et al. 2019): with :math:`u = P^{-1} \nabla_{\theta'}
-  L_{meta}(\theta')` and :math:`\epsilon = \mathrm{fd\_eps} / \|u\|`,
+* ``mode='finite_difference'`` (DARTS, Liu et al. 2019): with :math:`u = \nabla_{\theta'}
+  L_{meta}(\theta')` (through ``step_fn``: :math:`(\partial\theta' / \partial g)^T` of it) and
+  :math:`\epsilon = \mathrm{fd\_eps} / \|u\|`,
 
   .. math::
 
       \nabla_\phi L_{meta} \approx -\alpha\, \frac{\nabla_\phi L_S(\theta + \epsilon u, \phi)
       - \nabla_\phi L_S(\theta - \epsilon u, \phi)}{2 \epsilon}
 
-  (no double-backward memory; for :math:`P = 1` this is DARTS' formula with :math:`u = v`).
+  (no double-backward memory; DARTS' formula).
 
 The student is evaluated through closures that take a ``{name: tensor}`` dict of the bare
 student's parameters (names as in ``unwrap(student).named_parameters()``, no ``module.``
@@ -59,7 +61,7 @@ from torch import Tensor, nn
 
 from .features import unwrap
 
-__all__ = ['virtual_step', 'meta_gradient', 'adam_preconditioner', 'student_params', 'optimizer_step', 'grads_or_zeros',
+__all__ = ['virtual_step', 'meta_gradient', 'optimizer_state', 'student_params', 'optimizer_step', 'grads_or_zeros',
            'SUPPORTED_OPTIMIZERS', 'HorizonTrace']
 
 ParamDict = dict[str, Tensor]
@@ -74,16 +76,13 @@ def student_params(student: nn.Module) -> ParamDict:
 
 def virtual_step(params: Mapping[str, Tensor],
                  grads: Mapping[str, Tensor | None],
-                 lr: float,
-                 precond: Mapping[str, Tensor | None] | None = None) -> ParamDict:
-    r"""One virtual (pre)conditioned SGD step, out of place: ``theta' = theta - lr * g / P``.
+                 lr: float) -> ParamDict:
+    r"""One virtual SGD step, out of place: ``theta' = theta - lr * g``.
 
     Args:
         params: ``{name: theta}``; never modified.
         grads: ``{name: g}``, same shapes; names missing or mapped to None are not stepped.
         lr: step size ``alpha``.
-        precond: optional ``{name: P}`` divisors (constants, e.g. from
-            :func:`adam_preconditioner`); missing or None entries mean ``P = 1``.
 
     Returns:
         A new dict with every name of ``params``; stepped entries are new tensors (they carry
@@ -98,52 +97,8 @@ def virtual_step(params: Mapping[str, Tensor],
         if g.shape != p.shape:
             raise ValueError(f'virtual_step: gradient of {name!r} has shape {tuple(g.shape)}, '
                              f'parameter has {tuple(p.shape)}.')
-        d = precond.get(name) if precond is not None else None
-        if d is not None:
-            g = g / d
         out[name] = p - lr * g
     return out
-
-
-def adam_preconditioner(optimizer: torch.optim.Optimizer,
-                        named_params: Union[Mapping[str, Tensor], Iterable[tuple[str, Tensor]]],
-                        ) -> dict[str, Tensor | None] | None:
-    r"""Adam's current per-parameter divisor :math:`\sqrt{v_t / (1-\beta_2^t)} + \epsilon`.
-
-    Reads the state of ``torch.optim.Adam`` / ``AdamW`` (or any optimiser whose state holds
-    ``exp_avg_sq`` and ``step`` and whose groups hold ``betas``, ``eps``; ``max_exp_avg_sq``
-    when ``amsgrad``). The result is detached: the preconditioner is a constant of the meta
-    step.
-
-    Args:
-        optimizer: the student's optimiser.
-        named_params: the bare student's ``named_parameters()`` (a dict or pairs).
-
-    Returns:
-        ``{name: divisor}`` with ``None`` for parameters that have no state yet (``P = 1`` in
-        :func:`virtual_step`), or ``None`` when no parameter has state (before the first step).
-    """
-    items = list(named_params.items()) if isinstance(named_params, Mapping) else list(named_params)
-    group_of = {id(p): g for g in optimizer.param_groups for p in g['params']}
-    out: dict[str, Tensor | None] = {}
-    found = False
-    for name, p in items:
-        state = optimizer.state.get(p, {})
-        group = group_of.get(id(p))
-        if group is None or 'exp_avg_sq' not in state or 'step' not in state:
-            out[name] = None
-            continue
-        step = float(state['step'])
-        if step <= 0:
-            out[name] = None
-            continue
-        beta2 = group['betas'][1]
-        v = state['max_exp_avg_sq'] if group.get('amsgrad', False) and 'max_exp_avg_sq' in state \
-            else state['exp_avg_sq']
-        bias_correction2 = 1.0 - beta2**step
-        out[name] = (v.detach() / bias_correction2).sqrt().add_(group['eps'])
-        found = True
-    return out if found else None
 
 
 #: optimizers whose step :func:`optimizer_step` reproduces (subclasses included)
@@ -153,6 +108,31 @@ StepFn = Callable[[Mapping[str, Tensor], Mapping[str, Tensor]], ParamDict]
 
 def _value(x) -> float:
     return float(x.item()) if torch.is_tensor(x) else float(x)
+
+
+def optimizer_state(optimizer: torch.optim.Optimizer, group: Mapping, state: Mapping) -> dict:
+    """One parameter's hyper-parameters and state in a supported optimizer, as plain values and
+    detached tensors: ``kind`` (``adam`` | ``sgd``), ``lr``, ``wd``, ``maximize`` and, for Adam /
+    AdamW, ``beta1``, ``beta2``, ``eps``, ``step`` (0 without state), ``decoupled``, ``amsgrad``,
+    ``m``, ``v``, ``vmax`` (None without state); for SGD ``momentum``, ``dampening``, ``nesterov``,
+    ``buf``. The one reading of optimizer state: :func:`optimizer_step` and :class:`HorizonTrace` use it."""
+    plan = dict(lr=_value(group['lr']), wd=float(group.get('weight_decay', 0.0)),
+                maximize=bool(group.get('maximize', False)))
+    if isinstance(optimizer, torch.optim.Adam):  # AdamW is a subclass
+        beta1, beta2 = (_value(b) for b in group['betas'])
+        plan.update(kind='adam', beta1=beta1, beta2=beta2, eps=float(group['eps']),
+                    step=_value(state['step']) if 'step' in state else 0.0,
+                    decoupled=bool(group.get('decoupled_weight_decay', isinstance(optimizer, torch.optim.AdamW))),
+                    amsgrad=bool(group.get('amsgrad', False)),
+                    m=state['exp_avg'].detach() if 'exp_avg' in state else None,
+                    v=state['exp_avg_sq'].detach() if 'exp_avg_sq' in state else None,
+                    vmax=state['max_exp_avg_sq'].detach() if 'max_exp_avg_sq' in state else None)
+    else:
+        buf = state.get('momentum_buffer')
+        plan.update(kind='sgd', momentum=float(group.get('momentum', 0.0)),
+                    dampening=float(group.get('dampening', 0.0)), nesterov=bool(group.get('nesterov', False)),
+                    buf=buf.detach() if buf is not None else None)
+    return plan
 
 
 def optimizer_step(optimizer: torch.optim.Optimizer,
@@ -172,7 +152,7 @@ def optimizer_step(optimizer: torch.optim.Optimizer,
     dampening and Nesterov: ``b' = mu b + (1 - dampening) g`` (``b' = g`` without a buffer),
     ``theta' = theta - lr (g + mu b')`` or ``theta - lr b'``. So the virtual step of the meta
     objective is the step the student really takes next, momentum and bias corrections included
-    (a plain ``lr * g / P`` is about ``1 / (1 - beta1)`` times the part the current gradient causes).
+    (a plain ``lr * g`` is about ``1 / (1 - beta1)`` times the part the current gradient causes).
 
     Raises a clear error naming ``key`` for any other optimizer.
     """
@@ -188,23 +168,8 @@ def optimizer_step(optimizer: torch.optim.Optimizer,
         group = group_of.get(id(p))
         if group is None:
             continue  # not stepped by this optimizer: left unchanged
-        state = optimizer.state.get(p, {})
-        plan = dict(lr=_value(group['lr']), wd=float(group.get('weight_decay', 0.0)),
-                    maximize=bool(group.get('maximize', False)))
-        if isinstance(optimizer, torch.optim.Adam):  # AdamW is a subclass
-            beta1, beta2 = (_value(b) for b in group['betas'])
-            step = _value(state['step']) if 'step' in state else 0.0
-            plan.update(kind='adam', beta1=beta1, beta2=beta2, eps=float(group['eps']), t=step + 1.0,
-                        decoupled=bool(group.get('decoupled_weight_decay', isinstance(optimizer, torch.optim.AdamW))),
-                        amsgrad=bool(group.get('amsgrad', False)),
-                        m=state['exp_avg'].detach() if 'exp_avg' in state else None,
-                        v=state['exp_avg_sq'].detach() if 'exp_avg_sq' in state else None,
-                        vmax=state['max_exp_avg_sq'].detach() if 'max_exp_avg_sq' in state else None)
-        else:
-            buf = state.get('momentum_buffer')
-            plan.update(kind='sgd', momentum=float(group.get('momentum', 0.0)),
-                        dampening=float(group.get('dampening', 0.0)), nesterov=bool(group.get('nesterov', False)),
-                        buf=buf.detach() if buf is not None else None)
+        plan = optimizer_state(optimizer, group, optimizer.state.get(p, {}))
+        plan['t'] = plan.get('step', 0.0) + 1.0  # (Adam) the step about to be taken
         plans[name] = plan
 
     def step(params: Mapping[str, Tensor], grads: Mapping[str, Tensor | None]) -> ParamDict:
@@ -273,7 +238,6 @@ def meta_gradient(student: nn.Module,
                   kr_params: Sequence[Tensor],
                   lr: float,
                   mode: str = 'exact',
-                  precond: Mapping[str, Tensor | None] | None = None,
                   fd_eps: float = 1e-3,
                   reduce: Callable[[list[Tensor]], list[Tensor]] | None = None,
                   step_fn: StepFn | None = None,
@@ -291,14 +255,11 @@ def meta_gradient(student: nn.Module,
         kr_params: the parameters ``phi`` to differentiate (e.g. ``list(krnet.parameters())``).
         lr: virtual step size ``alpha`` (normally the student's current learning rate).
         mode: ``'exact'`` (second order, default) or ``'finite_difference'`` (DARTS).
-        precond: optional ``{name: P}`` divisors for the virtual step (see
-            :func:`adam_preconditioner`), treated as constants.
         fd_eps: finite-difference radius in parameter space, relative to the direction's norm
             (``eps = fd_eps / ||u||``, as DARTS). Default 1e-3: on a small float64 problem it is
             0.1-2% off the exact meta gradient; DARTS' 0.01 was 16-21% off.
         step_fn: the virtual step as a function ``(params, grads) -> params'`` (e.g.
-            :func:`optimizer_step`, the student optimizer's real step); replaces ``lr`` and
-            ``precond``.
+            :func:`optimizer_step`, the student optimizer's real step); replaces ``lr``.
         reduce: data parallelism: averages a list of per-rank tensors over ranks (e.g. with
             ``torch.distributed.nn.functional.all_reduce``, which is differentiable). Applied to
             the student gradient of the virtual step (inside the graph in ``exact`` mode) and, in
@@ -337,15 +298,15 @@ def meta_gradient(student: nn.Module,
 
     try:
         if step_fn is None:
-            def step_fn(theta, g, lr=lr, precond=precond):
-                return virtual_step(theta, g, lr, precond)
+            def step_fn(theta, g, lr=lr):
+                return virtual_step(theta, g, lr)
             plain = True
         else:
             plain = False
         if mode == 'exact':
             grads, info = _exact(params, names, student_loss, meta_loss, kr_params, step_fn, reduce, grads_fn)
         else:
-            grads, info = _finite_difference(params, names, student_loss, meta_loss, kr_params, lr, precond, fd_eps,
+            grads, info = _finite_difference(params, names, student_loss, meta_loss, kr_params, lr, fd_eps,
                                              reduce, None if plain else step_fn, grads_fn)
     finally:
         if buffers:
@@ -382,7 +343,7 @@ def _exact(params, names, student_loss, meta_loss, kr_params, step_fn, reduce=No
     return grads, {'l_student': l_s.detach(), 'l_meta': l_m.detach()}
 
 
-def _finite_difference(params, names, student_loss, meta_loss, kr_params, lr, precond, fd_eps, reduce=None,
+def _finite_difference(params, names, student_loss, meta_loss, kr_params, lr, fd_eps, reduce=None,
                        step_fn=None, grads_or_zeros=grads_or_zeros):
     theta = _leaves(params, names)
     l_s = _check_scalar(student_loss(theta), 'student_loss')
@@ -390,7 +351,7 @@ def _finite_difference(params, names, student_loss, meta_loss, kr_params, lr, pr
     if reduce is not None:
         g = [x.detach() for x in reduce(g)]
     with torch.no_grad():
-        stepped = virtual_step({n: theta[n].detach() for n in names}, dict(zip(names, g)), lr, precond) \
+        stepped = virtual_step({n: theta[n].detach() for n in names}, dict(zip(names, g)), lr) \
             if step_fn is None else step_fn({n: theta[n].detach() for n in names}, dict(zip(names, g)))
     theta_v = dict(params)
     theta_v.update({n: stepped[n].requires_grad_(True) for n in names})
@@ -408,9 +369,8 @@ def _finite_difference(params, names, student_loss, meta_loss, kr_params, lr, pr
         u_list = grads_or_zeros(dot, g_leaf)
         scale = 1.0
     with torch.no_grad():
-        # Chain rule through theta' = theta - lr * g / P: the direction is u = v / P (times -lr).
-        u = {n: (x / precond[n] if precond is not None and precond.get(n) is not None else x)
-             for n, x in zip(names, v)} if step_fn is None else dict(zip(names, u_list))
+        # Chain rule through theta' = theta - lr * g: the direction is u = v (times -lr).
+        u = dict(zip(names, v)) if step_fn is None else dict(zip(names, u_list))
         norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(x) for x in u.values()])) \
             if u else torch.zeros(())
     if not kr_params:
@@ -495,23 +455,22 @@ class HorizonTrace:
             is_adam = isinstance(optimizer, torch.optim.Adam)
             if group is None or (is_adam and not state) or (not is_adam and p.grad is None):
                 continue  # not stepped
-            lr = _value(group['lr'])
-            sign = -1.0 if group.get('maximize', False) else 1.0
+            plan = optimizer_state(optimizer, group, state)  # after the step: its moments and count
+            lr = plan['lr']
+            sign = -1.0 if plan['maximize'] else 1.0
             if is_adam:
-                b1, b2 = (_value(b) for b in group['betas'])
-                t = _value(state['step'])
-                m, v = state['exp_avg'], state['exp_avg_sq']  # (amsgrad: the max is taken as constant)
-                vv = state['max_exp_avg_sq'] if group.get('amsgrad', False) else v
+                b1, b2, t = plan['beta1'], plan['beta2'], plan['step']
+                m, v = plan['m'], plan['v']  # (amsgrad: the max is taken as constant)
+                vv = plan['vmax'] if plan['amsgrad'] else v
                 bc2 = 1 - b2**t
                 root = (vv / bc2).clamp_min(torch.finfo(vv.dtype).tiny).sqrt()
-                denom = root + group['eps']
+                denom = root + plan['eps']
                 lr_bc = lr / (1 - b1**t)
                 g_full = sign * p.grad if p.grad is not None else torch.zeros_like(p)
-                if group.get('weight_decay', 0) and not group.get('decoupled_weight_decay',
-                                                                  isinstance(optimizer, torch.optim.AdamW)):
-                    g_full = g_full + group['weight_decay'] * p  # (approximately: p is after the step)
+                if plan['wd'] and not plan['decoupled']:
+                    g_full = g_full + plan['wd'] * p  # (approximately: p is after the step)
             else:
-                b1 = float(group.get('momentum', 0.0))
+                b1 = plan['momentum']
             for k in range(self.num):
                 g = term_grads[k].get(name) if term_grads is not None else None
                 g = torch.zeros_like(p) if g is None else (sign * scale) * g
@@ -520,18 +479,18 @@ class HorizonTrace:
                     u = (1 - b1) * g if u_old is None else b1 * u_old + (1 - b1) * g
                     w_old = self.w[k].get(name)
                     w = 2 * (1 - b2) * g_full * g if w_old is None else b2 * w_old + 2 * (1 - b2) * g_full * g
-                    if group.get('amsgrad', False):
+                    if plan['amsgrad']:
                         w = torch.where(vv > v, torch.zeros_like(w), w)
                     self.w[k][name] = w
                     d_denom = (w / bc2) / (2 * root)
                     dz = -lr_bc * (u / denom - m * d_denom / denom**2)
                 else:
-                    damp = float(group.get('dampening', 0.0))
+                    damp = plan['dampening']
                     if b1 == 0:
                         u, d = g, g
                     else:
                         u = g.clone() if u_old is None else b1 * u_old + (1 - damp) * g
-                        d = g + b1 * u if group.get('nesterov', False) else u
+                        d = g + b1 * u if plan['nesterov'] else u
                     dz = -lr * d
                 self.u[k][name] = u
                 self.z[k][name] = dz if z_old is None else self.decay * z_old + dz

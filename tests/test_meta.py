@@ -10,7 +10,7 @@ from helpers import cpu_data_parallel
 from krdistill.archs.krnet_arch import KRNet
 from krdistill.features import FeatureRecorder, unwrap
 from krdistill.losses.texture_loss import texture_wise_loss
-from krdistill.meta import adam_preconditioner, meta_gradient, student_params, virtual_step
+from krdistill.meta import meta_gradient, optimizer_state, optimizer_step, student_params, virtual_step
 
 LR = 0.1
 DT = torch.float64
@@ -67,13 +67,13 @@ class Setup:
         kw.setdefault('lr', LR)
         return meta_gradient(self.student, self.student_loss, self.meta_loss, self.phi(), **kw)
 
-    def l_meta_after_step(self, precond=None):
+    def l_meta_after_step(self):
         """L_meta(theta'(phi)) computed from scratch (first order only): the numerical reference."""
         params = {n: p.detach().requires_grad_(p.requires_grad) for n, p in student_params(self.student).items()}
         names = [n for n, p in params.items() if p.requires_grad]
         g = torch.autograd.grad(self.student_loss(params), [params[n] for n in names])
         with torch.no_grad():
-            return self.meta_loss(virtual_step(params, dict(zip(names, g)), LR, precond))
+            return self.meta_loss(virtual_step(params, dict(zip(names, g)), LR))
 
 
 def flat(ts):
@@ -136,17 +136,17 @@ def _adam_state(s):
     return opt
 
 
-@pytest.mark.parametrize('use_precond', [False, True])
-def test_finite_difference_agrees_with_exact(use_precond):
+@pytest.mark.parametrize('adam_step', [False, True])
+def test_finite_difference_agrees_with_exact(adam_step):
     """DARTS' estimate is a central difference: its error is O(fd_eps^2). Tolerance (relative L2
     error of the whole gradient vector): < 1e-4 at fd_eps = 1e-3 and < 1e-3 at the default
-    fd_eps = 0.01 (measured here: 2.5e-6 and 2.5e-4 without, 3e-9 and 3e-7 with the Adam
-    preconditioner; the error falls 100x per 10x smaller fd_eps, as it should)."""
+    fd_eps = 0.01 (the error falls 100x per 10x smaller fd_eps, as it should), for the plain
+    virtual step and through the step of an Adam with state (``step_fn``)."""
     s = Setup()
-    precond = adam_preconditioner(_adam_state(s), s.student.named_parameters()) if use_precond else None
-    exact, _ = s.meta(mode='exact', precond=precond)
+    kw = dict(step_fn=optimizer_step(_adam_state(s), s.student.named_parameters())) if adam_step else {}
+    exact, _ = s.meta(mode='exact', **kw)
     for fd_eps, tol in ((1e-3, 1e-4), (1e-2, 1e-3)):
-        fd, info = s.meta(mode='finite_difference', precond=precond, fd_eps=fd_eps)
+        fd, info = s.meta(mode='finite_difference', fd_eps=fd_eps, **kw)
         rel = (flat(fd) - flat(exact)).norm() / flat(exact).norm()
         assert rel < tol, (fd_eps, rel.item())
         assert info['fd_step'] > 0
@@ -204,32 +204,21 @@ def test_batchnorm_buffers_restored():
         assert torch.equal(v, before[k]), k
 
 
-def test_adam_preconditioner():
+def test_optimizer_state_reads_adam_and_sgd():
+    """The one reading of optimizer state (optimizer_step and HorizonTrace use it)."""
     s = Setup()
-    opt = torch.optim.Adam(s.student.parameters(), lr=1e-3, eps=1e-8)
-    assert adam_preconditioner(opt, s.student.named_parameters()) is None  # no state yet
-    opt = _adam_state(s)  # a fresh optimiser after two steps
-    pre = adam_preconditioner(opt, dict(s.student.named_parameters()))
-    assert pre['gain'] is None  # frozen: no state, P = 1
-    st = opt.state[s.student.conv1.weight]
-    expected = (st['exp_avg_sq'] / (1 - 0.999**2)).sqrt() + 1e-8
-    torch.testing.assert_close(pre['conv1.weight'], expected)
-    assert not pre['conv1.weight'].requires_grad
-
-    plain, _ = s.meta()
-    pre_g, _ = s.meta(precond=pre)
-    assert all(torch.isfinite(g).all() for g in pre_g)
-    assert not torch.allclose(flat(plain), flat(pre_g))
-
-
-def test_adamw_amsgrad_preconditioner():
-    s = Setup()
-    opt = torch.optim.AdamW(s.student.parameters(), lr=1e-3, amsgrad=True)
+    opt = torch.optim.AdamW(s.student.parameters(), lr=1e-3, amsgrad=True, weight_decay=0.01)
     s.student_loss(student_params(s.student)).backward()
     opt.step()
-    pre = adam_preconditioner(opt, s.student.named_parameters())
-    st = opt.state[s.student.conv2.bias]
-    torch.testing.assert_close(pre['conv2.bias'], (st['max_exp_avg_sq'] / (1 - 0.999)).sqrt() + 1e-8)
+    p = s.student.conv2.bias
+    st = optimizer_state(opt, opt.param_groups[0], opt.state[p])
+    assert st['kind'] == 'adam' and st['step'] == 1.0 and st['decoupled'] and st['amsgrad'] and st['wd'] == 0.01
+    assert torch.equal(st['m'], opt.state[p]['exp_avg']) and torch.equal(st['vmax'], opt.state[p]['max_exp_avg_sq'])
+    assert not st['m'].requires_grad
+    assert optimizer_state(opt, opt.param_groups[0], {})['m'] is None  # no state yet
+    sgd = torch.optim.SGD(s.student.parameters(), lr=0.1, momentum=0.9, nesterov=True)
+    st = optimizer_state(sgd, sgd.param_groups[0], {})
+    assert st['kind'] == 'sgd' and st['momentum'] == 0.9 and st['nesterov'] and st['buf'] is None
 
 
 @pytest.mark.parametrize('mode', ['exact', 'finite_difference'])
@@ -247,9 +236,9 @@ def test_data_parallel_wrapper(mode):
 def test_virtual_step():
     p = {'a': torch.ones(2), 'b': torch.ones(3), 'c': torch.ones(1)}
     g = {'a': torch.full((2,), 2.0), 'b': torch.full((3,), 4.0), 'c': None}
-    out = virtual_step(p, g, 0.5, precond={'b': torch.full((3,), 2.0)})
+    out = virtual_step(p, g, 0.5)
     torch.testing.assert_close(out['a'], torch.zeros(2))
-    torch.testing.assert_close(out['b'], torch.zeros(3))
+    torch.testing.assert_close(out['b'], torch.full((3,), -1.0))
     assert out['c'] is p['c']
     assert torch.equal(p['a'], torch.ones(2))  # out of place
     with pytest.raises(ValueError, match='shape'):

@@ -3,6 +3,33 @@
 Reconstructed from the abstract of Zhu, Liu, Chen, "Learning Knowledge Representation with
 Meta Knowledge Distillation for Single Image Super-Resolution", arXiv 2207.08356 (2022); no
 public code exists. Design note: docs/METAKD.md, section "KRNet".
+
+**Normalisation and collapse.** If the KRNet minimised the texture loss itself (the
+``joint`` ablation), bias-free adapters could simply shrink ``P_s, P_t`` to zero and make
+``L_tex = 0``; the student could likewise lower ``L_tex`` by scaling its hooked features
+down and compensating in later layers. Default ``normalize='rms'`` removes that degree of
+freedom on both sides::
+
+    norm(P) = (P - mean_HW(P)) / sqrt(mean_CHW((P - mean_HW(P))^2) + eps)    (per sample)
+
+The per-channel spatial mean is removed (a zero-mean kernel ignores it anyway) and the
+remaining (AC) energy is fixed to 1 per element, so textures cannot vanish by scaling.
+Unlike per-pixel channel normalisation (``'pixel'``) it keeps the relative texture contrast
+between flat and detailed regions and does not amplify noise where features are near zero,
+which keeps meta mode meaningful (the student is asked to match the teacher's texture
+structure up to one global scale per sample). The adapters have no bias, because a
+constant output would survive normalisation as a shared flat map with zero texture. What
+``joint`` mode can still do is *prefer* easy textures (smooth channel mixtures, kernels
+and weights ``a_n`` on the bands where student and teacher already agree); that is not a
+trivial zero and is exactly what the meta objective (default) is there to prevent.
+``'pixel'`` (unit channel vector per pixel) and ``'none'`` (raw, the collapse-prone
+variant) are options for ablations.
+
+**Initialisation.** The kernel head's bias holds a bank of diverse high-pass kernels
+(orthonormal when ``N <= k*k - 1``) and its weights are scaled by 0.1, the weight-logit
+head starts near zero: training starts from uniform weights ``a_n ~ 1/N`` and
+well-conditioned, input-modulated, unit-norm kernels (the normalisation's gradient scales
+as ``1/||raw||``, so raw kernels are kept at norm ~1 rather than near 0).
 """
 from __future__ import annotations
 
@@ -61,6 +88,44 @@ def _unfold_texture(padded: Tensor, kernels: Tensor, k: int, h: int, w: int) -> 
     return torch.einsum('bckl,bnk->bncl', cols, kernels).reshape(b, kernels.shape[1], c, h, w)
 
 
+def _check_options(s_channels, t_channels, width, num_kernels, kernel_size, corr_radius, hidden, normalize,
+                   dynamic, per_pixel, texture_init) -> None:
+    """KRNet's arguments; errors name the argument (the ``network_kr`` key)."""
+    for name, value in (('s_channels', s_channels), ('t_channels', t_channels), ('num_kernels', num_kernels),
+                        ('hidden', hidden)):
+        if int(value) < 1:
+            raise ValueError(f'KRNet: {name} must be a positive integer, got {value!r}.')
+    if width is not None and int(width) < 1:
+        raise ValueError(f'KRNet: width must be a positive integer or None, got {width!r}.')
+    if kernel_size < 3 or kernel_size % 2 == 0:
+        raise ValueError(f'KRNet: kernel_size must be odd and >= 3 (a zero-mean 1x1 kernel is zero), '
+                         f'got {kernel_size}.')
+    if corr_radius < 0:
+        raise ValueError(f'KRNet: corr_radius must be >= 0, got {corr_radius}.')
+    if normalize not in _NORMALIZE:
+        raise ValueError(f'KRNet: normalize must be one of {_NORMALIZE}, got {normalize!r}.')
+    if per_pixel and not dynamic:
+        raise ValueError('KRNet: per_pixel=True needs dynamic=True (static kernels are the same everywhere).')
+    if isinstance(texture_init, bool) or not isinstance(texture_init, (int, float)) or texture_init < 0:
+        raise ValueError(f'KRNet: texture_init must be a number >= 0, got {texture_init!r}.')
+
+
+def _check_features(kr: 'KRNet', feat_s: Tensor, feat_t: Tensor) -> None:
+    if not (torch.is_tensor(feat_s) and torch.is_tensor(feat_t)):
+        raise TypeError(f'KRNet expects tensors, got {type(feat_s).__name__} and {type(feat_t).__name__}.')
+    if feat_s.dim() != 4 or feat_t.dim() != 4:
+        raise ValueError(f'KRNet expects 4-D features B x C x H x W, got student {tuple(feat_s.shape)} and '
+                         f'teacher {tuple(feat_t.shape)}.')
+    if feat_s.shape[0] != feat_t.shape[0]:
+        raise ValueError(f'KRNet: batch sizes differ: student {feat_s.shape[0]}, teacher {feat_t.shape[0]}.')
+    if feat_s.shape[1] != kr.s_channels:
+        raise ValueError(f'KRNet: student feature has {feat_s.shape[1]} channels, this KRNet was built with '
+                         f's_channels={kr.s_channels}.')
+    if feat_t.shape[1] != kr.t_channels:
+        raise ValueError(f'KRNet: teacher feature has {feat_t.shape[1]} channels, this KRNet was built with '
+                         f't_channels={kr.t_channels}.')
+
+
 class KRNet(nn.Module):
     r"""Knowledge representation network for one teacher/student distillation point.
 
@@ -88,32 +153,7 @@ class KRNet(nn.Module):
     per-sample). Static mode (``dynamic=False``, an ablation) learns N kernels and N weight
     logits directly, the same for every sample; no generator or correlation is built.
 
-    **Normalisation and collapse.** If the KRNet minimised the texture loss itself (the
-    ``joint`` ablation), bias-free adapters could simply shrink ``P_s, P_t`` to zero and make
-    ``L_tex = 0``; the student could likewise lower ``L_tex`` by scaling its hooked features
-    down and compensating in later layers. Default ``normalize='rms'`` removes that degree of
-    freedom on both sides::
-
-        norm(P) = (P - mean_HW(P)) / sqrt(mean_CHW((P - mean_HW(P))^2) + eps)    (per sample)
-
-    The per-channel spatial mean is removed (a zero-mean kernel ignores it anyway) and the
-    remaining (AC) energy is fixed to 1 per element, so textures cannot vanish by scaling.
-    Unlike per-pixel channel normalisation (``'pixel'``) it keeps the relative texture contrast
-    between flat and detailed regions and does not amplify noise where features are near zero,
-    which keeps meta mode meaningful (the student is asked to match the teacher's texture
-    structure up to one global scale per sample). The adapters have no bias, because a
-    constant output would survive normalisation as a shared flat map with zero texture. What
-    ``joint`` mode can still do is *prefer* easy textures (smooth channel mixtures, kernels
-    and weights ``a_n`` on the bands where student and teacher already agree); that is not a
-    trivial zero and is exactly what the meta objective (default) is there to prevent.
-    ``'pixel'`` (unit channel vector per pixel) and ``'none'`` (raw, the collapse-prone
-    variant) are options for ablations.
-
-    **Initialisation.** The kernel head's bias holds a bank of diverse high-pass kernels
-    (orthonormal when ``N <= k*k - 1``) and its weights are scaled by 0.1, the weight-logit
-    head starts near zero: training starts from uniform weights ``a_n ~ 1/N`` and
-    well-conditioned, input-modulated, unit-norm kernels (the normalisation's gradient scales
-    as ``1/||raw||``, so raw kernels are kept at norm ~1 rather than near 0).
+    Normalisation (collapse) and initialisation: see the module docstring.
 
     Args:
         s_channels: student feature channels ``Cs``.
@@ -179,23 +219,9 @@ class KRNet(nn.Module):
         super().__init__()
         if isinstance(normalize, bool):
             normalize = 'rms' if normalize else 'none'
-        for name, value in (('s_channels', s_channels), ('t_channels', t_channels), ('num_kernels', num_kernels),
-                            ('hidden', hidden)):
-            if int(value) < 1:
-                raise ValueError(f'KRNet: {name} must be a positive integer, got {value!r}.')
-        if width is not None and int(width) < 1:
-            raise ValueError(f'KRNet: width must be a positive integer or None, got {width!r}.')
-        if kernel_size < 3 or kernel_size % 2 == 0:
-            raise ValueError(f'KRNet: kernel_size must be odd and >= 3 (a zero-mean 1x1 kernel is zero), '
-                             f'got {kernel_size}.')
-        if corr_radius < 0:
-            raise ValueError(f'KRNet: corr_radius must be >= 0, got {corr_radius}.')
-        if normalize not in _NORMALIZE:
-            raise ValueError(f'KRNet: normalize must be one of {_NORMALIZE}, got {normalize!r}.')
-        if per_pixel and not dynamic:
-            raise ValueError('KRNet: per_pixel=True needs dynamic=True (static kernels are the same everywhere).')
-        if isinstance(texture_init, bool) or not isinstance(texture_init, (int, float)) or texture_init < 0:
-            raise ValueError(f'KRNet: texture_init must be a number >= 0, got {texture_init!r}.')
+        _check_options(s_channels=s_channels, t_channels=t_channels, width=width, num_kernels=num_kernels,
+                       kernel_size=kernel_size, corr_radius=corr_radius, hidden=hidden, normalize=normalize,
+                       dynamic=dynamic, per_pixel=per_pixel, texture_init=texture_init)
 
         self.s_channels = int(s_channels)
         self.t_channels = int(t_channels)
@@ -290,21 +316,6 @@ class KRNet(nn.Module):
                 for dx in range(2 * r + 1)]
         return torch.stack(maps, dim=1)
 
-    def _check(self, feat_s: Tensor, feat_t: Tensor) -> None:
-        if not (torch.is_tensor(feat_s) and torch.is_tensor(feat_t)):
-            raise TypeError(f'KRNet expects tensors, got {type(feat_s).__name__} and {type(feat_t).__name__}.')
-        if feat_s.dim() != 4 or feat_t.dim() != 4:
-            raise ValueError(f'KRNet expects 4-D features B x C x H x W, got student {tuple(feat_s.shape)} and '
-                             f'teacher {tuple(feat_t.shape)}.')
-        if feat_s.shape[0] != feat_t.shape[0]:
-            raise ValueError(f'KRNet: batch sizes differ: student {feat_s.shape[0]}, teacher {feat_t.shape[0]}.')
-        if feat_s.shape[1] != self.s_channels:
-            raise ValueError(f'KRNet: student feature has {feat_s.shape[1]} channels, this KRNet was built with '
-                             f's_channels={self.s_channels}.')
-        if feat_t.shape[1] != self.t_channels:
-            raise ValueError(f'KRNet: teacher feature has {feat_t.shape[1]} channels, this KRNet was built with '
-                             f't_channels={self.t_channels}.')
-
     def forward(self, feat_s: Tensor, feat_t: Tensor, texture: str = 'weighted') -> dict[str, Tensor]:
         """Texture features of student and teacher, their weights and the kernels (see class doc).
 
@@ -317,7 +328,7 @@ class KRNet(nn.Module):
         """
         if texture not in _TEXTURE:
             raise ValueError(f'KRNet: texture must be one of {_TEXTURE}, got {texture!r}.')
-        self._check(feat_s, feat_t)
+        _check_features(self, feat_s, feat_t)
         b, _, h, w = feat_s.shape
         n, k = self.num_kernels, self.kernel_size
         taps, pad = k * k, k // 2
