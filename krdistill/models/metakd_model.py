@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import os
+from collections.abc import Mapping
 
 from basicsr.data import build_dataloader, build_dataset
 from basicsr.utils import get_root_logger
@@ -44,7 +45,10 @@ class MetaKDModel(TeacherStudentModel):
 
     def build_algorithm(self):
         opt, train_opt = self.opt, self.opt['train']
-        meta = dict(opt.get('meta') or {})  # checked once, by build_metakd (meta.dataset: here)
+        meta = opt.get('meta') or {}  # checked once, by build_metakd (meta.dataset: here)
+        if not isinstance(meta, Mapping):
+            raise TypeError(f'meta: must be a mapping of MetaKD\'s meta options, got {type(meta).__name__}')
+        meta = dict(meta)
         if (opt.get('datasets') or {}).get('meta'):
             raise KeyError('datasets.meta: move this block to meta.dataset (BasicSR\'s loop accepts only train and '
                            'val dataset phases)')
