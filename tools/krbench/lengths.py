@@ -172,6 +172,11 @@ def summarize_lengths(cfg: dict, lengths: dict, runs: dict, ref: dict) -> dict:
     return out
 
 
+def _signed(d: dict) -> str:
+    """A paired difference: signed mean, then ± the std over seeds (ddof 1) when there are several."""
+    return f'{d["mean"]:+.3f}' + (f' ± {d["std"]:.3f}' if d['n'] > 1 else '')
+
+
 def format_lengths(s: dict) -> str:
     tests = s['tests']
     teacher = ', '.join(f'{t} {s["teacher"][t]:.3f}' for t in tests)
@@ -187,14 +192,15 @@ def format_lengths(s: dict) -> str:
             gaps = []
             for t in tests:
                 g = r.get(f'{t}_gap')
-                gaps.append('–' if g is None else _pm(g, '{:+.3f}') +
+                gaps.append('–' if g is None else _signed(g) +
                             (' [' + ' '.join(f'{v:+.3f}' for v in g['values']) + ']' if g['n'] > 1 else ''))
             body.append([METHOD_LABELS.get(r['method'], r['method']), len(r['seeds'])] +
                         [_pm(r[t]) for t in tests] + gaps + [f'{r["s_per_iter"]["mean"]:.3f}'])
         lines += [ev.markdown_table(header, body), '']
         for m, d in e['meta_minus_frozen'].items():
             ref = 'frozen' if s.get('frozen_equals') is None else f'frozen (= {s["frozen_equals"]} by construction)'
-            vals = ', '.join(t + ' ' + _pm(d[t], '{:+.3f}') for t in tests if d[t] is not None)
+            vals = ', '.join(t + ' ' + _signed(d[t]) + ' [' + ' '.join(f'{v:+.3f}' for v in d[t]['values']) + ']'
+                             for t in tests if d[t] is not None)
             lines += [f'{METHOD_LABELS.get(m, m)} - {ref}: {vals}', '']
     return '\n'.join(lines)
 
