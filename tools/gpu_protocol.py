@@ -7,8 +7,8 @@ Two steps, the first here, the second on the GPU machine::
     python tools/gpu_protocol.py pack --data-root ../shared/data \\
         --teacher ../shared/models/EDSR_f64b16_x4_T91BSD200_cpu.pth --wheels .whl --dest .gpu
     # there (carry .gpu): install the wheels, then run against a deadline counted from the command start
-    export KRD_T0=$(date +%s.%N); python3 -m pip install -q --no-index --no-deps --target /tmp/site \\
-        .gpu/wheels/*.whl && export PYTHONPATH=/tmp/site; \\
+    export KRD_T0=$(date +%s.%N); python3 -m pip install -q --no-index --no-deps --target .gpu/site \\
+        .gpu/wheels/*.whl && export PYTHONPATH=$PWD/.gpu/site; \\
         python3 tools/gpu_protocol.py run --pack .gpu --out $OUT --device cuda
 
 ``run`` has four stages and writes everything under ``--out`` (at most 8 files come back):
