@@ -776,6 +776,24 @@ def prepare(cfg: dict, data_root: Path, out: Path, teacher_ckpt: str | None, thr
                 teacher_ckpt=str(tpath), teacher_cache=str(tcache), shapes=_shapes(cfg), device=device)
 
 
+def reference_scores(cfg: dict, ctx: dict, out: Path, threads: int, device='cpu') -> dict:
+    """Bicubic and teacher scores on the test sets (once; ``out/reference.json``)."""
+    path = out / 'reference.json'
+    if path.exists():
+        with open(path) as f:
+            return json.load(f)
+    torch.set_num_threads(threads)
+    teacher = ev.load_network(build_net(cfg['teacher']['network']), ctx['teacher_ckpt']).to(device)
+    ref = dict(bicubic={}, teacher={}, teacher_params=sum(p.numel() for p in teacher.parameters()))
+    for k, t in ctx['tests'].items():
+        pairs = ev.load_pairs(t['hr'], cfg['scale'], t['lr'])
+        ref['bicubic'][k] = ev.evaluate(None, pairs, cfg['scale'])
+        ref['teacher'][k] = ev.evaluate(teacher, pairs, cfg['scale'], device)
+    with open(path, 'w') as f:
+        json.dump(ref, f, indent=1)
+    return ref
+
+
 def job_spec(cfg: dict, ctx: dict, name: str, method: str, mcfg: dict, seed: int, iters: int, threads: int,
              measure: dict | None = None) -> dict:
     """What :func:`run_job` needs for one (method, seed, iterations) run."""
@@ -935,20 +953,7 @@ def run(config: str | dict, data_root, out, teacher_ckpt: str | None = None, wor
     runs = {s_['name']: r for s_, r in zip(specs, results)}
 
     # ---------------------------------------------------------------- reference rows
-    ref_path = out / 'reference.json'
-    if ref_path.exists():
-        with open(ref_path) as f:
-            ref = json.load(f)
-    else:
-        torch.set_num_threads(main_threads)
-        teacher = ev.load_network(build_net(cfg['teacher']['network']), tpath).to(device)
-        ref = dict(bicubic={}, teacher={}, teacher_params=sum(p.numel() for p in teacher.parameters()))
-        for k, t in tests.items():
-            pairs = ev.load_pairs(t['hr'], scale, t['lr'])
-            ref['bicubic'][k] = ev.evaluate(None, pairs, scale)
-            ref['teacher'][k] = ev.evaluate(teacher, pairs, scale, device)
-        with open(ref_path, 'w') as f:
-            json.dump(ref, f, indent=1)
+    ref = reference_scores(cfg, ctx, out, main_threads, device)
     summary = summarize(cfg, plan, runs, ref)
     with open(out / 'results.json', 'w') as f:
         json.dump(dict(summary=summary, runs=runs, reference=ref, plan=plan), f, indent=1)

@@ -25,11 +25,10 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from krdistill import evaluation as ev
 
-from .benchmark import (METHOD_LABELS, _exec, _ms, _pm, build_net, job_spec, load_config, log, prepare)
+from .benchmark import METHOD_LABELS, _exec, _ms, _pm, job_spec, load_config, log, prepare, reference_scores
 
 __all__ = ['run_lengths', 'summarize_lengths', 'format_lengths', 'plot_lengths', 'main']
 
@@ -99,7 +98,7 @@ def run_lengths(config: str | dict, data_root, out, teacher_ckpt: str | None = N
 
     results = _exec(specs, workers, on_done)
     runs = {s['name']: r for s, r in zip(specs, results)}
-    ref = _reference(cfg, ctx, out, max(1, workers) * threads, device)
+    ref = reference_scores(cfg, ctx, out, max(1, workers) * threads, device)
     summary = summarize_lengths(cfg, lengths, runs, ref)
     with open(out / 'lengths.json', 'w') as f:
         json.dump(dict(summary=summary, runs=runs, reference=ref), f, indent=1)
@@ -111,23 +110,6 @@ def run_lengths(config: str | dict, data_root, out, teacher_ckpt: str | None = N
     log(f'lengths done in {(time.time() - t0) / 60:.1f} min; {out / "lengths.md"}')
     print(md, flush=True)
     return summary
-
-
-def _reference(cfg: dict, ctx: dict, out: Path, threads: int, device: str) -> dict:
-    path = out / 'reference.json'
-    if path.exists():
-        with open(path) as f:
-            return json.load(f)
-    torch.set_num_threads(threads)
-    teacher = ev.load_network(build_net(cfg['teacher']['network']), ctx['teacher_ckpt']).to(device)
-    ref = dict(bicubic={}, teacher={}, teacher_params=sum(p.numel() for p in teacher.parameters()))
-    for k, t in ctx['tests'].items():
-        pairs = ev.load_pairs(t['hr'], cfg['scale'], t['lr'])
-        ref['bicubic'][k] = ev.evaluate(None, pairs, cfg['scale'])
-        ref['teacher'][k] = ev.evaluate(teacher, pairs, cfg['scale'], device)
-    with open(path, 'w') as f:
-        json.dump(ref, f, indent=1)
-    return ref
 
 
 def _paired(a: dict, b: dict, test: str) -> dict | None:
