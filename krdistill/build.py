@@ -27,6 +27,7 @@ from .losses.kd_loss import ATLoss, FAKDLoss, FitNetLoss, OutputKDLoss, PixelLos
 from .losses.texture_loss import TextureWiseLoss
 from .meta_options import REMOVED_KRNET_KEYS, check_meta_options, check_number, check_removed
 from .metakd import MetaKD
+from .upcycle import Upcycler
 
 __all__ = ['ARCHS', 'LOSSES', 'OPTIMIZERS', 'default_resolver', 'build_module', 'build_optimizer',
            'build_distiller', 'build_metakd', 'plain', 'probe_pairs', 'BASICSR_KEYS']
@@ -204,22 +205,22 @@ def _pairs(teacher_layers, student_layers, keys) -> tuple[list[str], list[str]]:
 #: option names in error messages: the argument names by default ...
 DEFAULT_KEYS = dict(teacher_layers='teacher_layers', student_layers='student_layers', network_kr='network_kr',
                     texture_opt='texture_opt', output_kd_opt='output_kd_opt', pixel_opt='pixel_opt',
-                    kd_opt='kd_opt', meta='meta')
+                    kd_opt='kd_opt', meta='meta', upcycle_opt='upcycle_opt')
 #: ... and the YAML keys for BasicSR option files
 BASICSR_KEYS = dict(teacher_layers='kd.teacher_layers', student_layers='kd.student_layers', network_kr='network_kr',
                     texture_opt='train.texture_opt', output_kd_opt='train.output_kd_opt', pixel_opt='train.pixel_opt',
-                    kd_opt='train.kd_opt', meta='meta')
+                    kd_opt='train.kd_opt', meta='meta', upcycle_opt='train.upcycle_opt')
 
 
 def build_distiller(teacher: nn.Module | None, student: nn.Module, teacher_layers: Sequence[str] = (),
                     student_layers: Sequence[str] = (), *, kd_opt: Mapping | None = None,
                     output_kd_opt: Mapping | None = None, pixel_opt: Any = None, example_input=None,
                     resolve: Callable | None = None, keys: Mapping[str, str] | None = None,
-                    shapes: dict | None = None) -> Distiller:
+                    shapes: dict | None = None, upcycle_opt: Mapping | None = None) -> Distiller:
     """A hand-crafted :class:`~krdistill.distiller.Distiller`: ``kd_opt`` per distillation point
     (features are recorded only when it is set), ``output_kd_opt`` on the outputs, ``pixel_opt``
-    (a loss block, a callable, or None for no pixel term). ``shapes``: a :func:`probe_pairs`
-    result already computed."""
+    (a loss block, a callable, or None for no pixel term), ``upcycle_opt`` DUKD's data upcycling
+    (:mod:`krdistill.upcycle`). ``shapes``: a :func:`probe_pairs` result already computed."""
     keys = {**DEFAULT_KEYS, **(keys or {})}
     tl, sl = _pairs(teacher_layers, student_layers, keys)
     pair_losses = []
@@ -234,8 +235,21 @@ def build_distiller(teacher: nn.Module | None, student: nn.Module, teacher_layer
         tl, sl = [], []  # record features only when a per-point loss uses them
     output_loss = build_module(output_kd_opt, 'loss', keys['output_kd_opt'], resolve) if output_kd_opt else None
     pixel_loss = build_module(pixel_opt, 'loss', keys['pixel_opt'], resolve) if pixel_opt is not None else None
-    return Distiller(teacher if (tl or output_loss is not None) else None, student, tl, sl, pair_losses=pair_losses,
-                     output_loss=output_loss, pixel_loss=pixel_loss, keys=keys).to(_device_of(student))
+    upcycle = _upcycler(upcycle_opt, teacher, student, shapes, example_input, keys)
+    uses_teacher = tl or output_loss is not None or upcycle is not None
+    return Distiller(teacher if uses_teacher else None, student, tl, sl, pair_losses=pair_losses,
+                     output_loss=output_loss, pixel_loss=pixel_loss, keys=keys, upcycle=upcycle).to(_device_of(student))
+
+
+def _upcycler(upcycle_opt, teacher, student, shapes, example_input, keys) -> Upcycler | None:
+    """The :class:`~krdistill.upcycle.Upcycler` of ``upcycle_opt`` (None when not set); the scale
+    from ``shapes`` or one dummy forward of both networks."""
+    if upcycle_opt is None:
+        return None
+    if teacher is None:
+        raise ValueError(f'{keys["upcycle_opt"]}: data upcycling needs a teacher (network_t)')
+    scale = (shapes or probe_pairs(teacher, student, [], [], example_input, keys))['scale']
+    return Upcycler(plain(upcycle_opt), scale, keys['upcycle_opt'])
 
 
 def build_metakd(teacher: nn.Module, student: nn.Module, teacher_layers: Sequence[str],
@@ -243,7 +257,7 @@ def build_metakd(teacher: nn.Module, student: nn.Module, teacher_layers: Sequenc
                  texture_opt: Mapping | nn.Module | None = None, output_kd_opt: Mapping | nn.Module | None = None,
                  pixel_opt: Any = None, meta: Mapping | None = None, meta_data: Iterable | None = None,
                  example_input=None, resolve: Callable | None = None, keys: Mapping[str, str] | None = None,
-                 shapes: dict | None = None) -> MetaKD:
+                 shapes: dict | None = None, upcycle_opt: Mapping | None = None) -> MetaKD:
     """:class:`~krdistill.metakd.MetaKD` from the option blocks (defaults: ``KRNet``,
     ``TextureWiseLoss``, L1 pixel loss, no output KD, :class:`~krdistill.meta_options.MetaOptions`).
     ``meta`` is checked here, once; errors name the YAML key (``keys``).
@@ -265,5 +279,7 @@ def build_metakd(teacher: nn.Module, student: nn.Module, teacher_layers: Sequenc
     output_loss = build_module(output_kd_opt, 'loss', keys['output_kd_opt'], resolve) if output_kd_opt else None
     pixel_loss = build_module(pixel_opt if pixel_opt is not None else {'type': 'L1Loss', 'loss_weight': 1.0}, 'loss',
                               keys['pixel_opt'], resolve)
+    upcycle = _upcycler(upcycle_opt, teacher, student, shapes, example_input, keys)
     return MetaKD(teacher, student, tl, sl, krnets, texture_loss=texture_loss, pixel_loss=pixel_loss,
-                  output_loss=output_loss, meta=meta, meta_data=meta_data, keys=keys).to(_device_of(student))
+                  output_loss=output_loss, meta=meta, meta_data=meta_data, keys=keys,
+                  upcycle=upcycle).to(_device_of(student))

@@ -28,8 +28,9 @@ from torch import nn
 from torch.func import functional_call
 
 from .features import FeatureRecorder, unwrap
+from .upcycle import Upcycled, Upcycler
 
-__all__ = ['Distiller', 'StepResult', 'probe', 'freeze_teacher', 'all_finite', 'average_over_ranks', 'world_size',
+__all__ = ['Distiller', 'StepResult', 'merge_steps', 'probe', 'freeze_teacher', 'all_finite', 'average_over_ranks', 'world_size',
            'unwrap_optimizer']
 
 TeacherOutput = tuple  # (out_t, [feat_t per point])
@@ -103,6 +104,13 @@ class StepResult:
     output: torch.Tensor | None = None
 
 
+def merge_steps(first: StepResult, second: StepResult) -> StepResult:
+    """One :class:`StepResult` of two optimizer steps in one iteration (logs of both, both reasons)."""
+    first.logs.update(second.logs)
+    first.skipped = '; '.join(s for s in (first.skipped, second.skipped) if s) or None
+    return first
+
+
 class Distiller(nn.Module):
     """Knowledge distillation from a frozen teacher into a student (output KD, FitNet, AT, FAKD, ...).
 
@@ -120,12 +128,15 @@ class Distiller(nn.Module):
         pixel_loss: the reconstruction loss ``(sr, gt) -> tensor`` (logged as ``l_pix``) or
             ``-> {name: tensor}`` (several terms, e.g. BasicSR's pixel and perceptual losses).
         keys: option keys named in error messages.
+        upcycle: an :class:`~krdistill.upcycle.Upcycler` (DUKD's data upcycling: zoom-in, zoom-out,
+            label-consistency augmentations) whose terms join the student objective
+            (``steps: 1``) or make a second optimizer step (``steps: 2``); or None.
     """
 
     def __init__(self, teacher: nn.Module | None, student: nn.Module, teacher_layers: Sequence[str] = (),
                  student_layers: Sequence[str] = (), pair_losses: Sequence[nn.Module] | None = None,
                  output_loss: nn.Module | None = None, pixel_loss: Callable | None = None,
-                 keys: Mapping[str, str] | None = None):
+                 keys: Mapping[str, str] | None = None, upcycle: Upcycler | None = None):
         super().__init__()
         keys = {'teacher_layers': 'teacher_layers', 'student_layers': 'student_layers', **(keys or {})}
         teacher_layers, student_layers = list(teacher_layers), list(student_layers)
@@ -134,8 +145,8 @@ class Distiller(nn.Module):
                              f'{keys["student_layers"]} ({len(student_layers)} names) must pair up one to one')
         if pair_losses is not None and len(pair_losses) != len(student_layers):
             raise ValueError(f'{len(pair_losses)} pair losses for {len(student_layers)} distillation points')
-        if teacher is None and (teacher_layers or output_loss is not None):
-            raise ValueError('Distiller: a teacher is needed for feature or output KD terms')
+        if teacher is None and (teacher_layers or output_loss is not None or upcycle is not None):
+            raise ValueError('Distiller: a teacher is needed for feature, output KD or upcycling terms')
         # Not sub-modules: the teacher is never saved, the student belongs to the caller.
         object.__setattr__(self, 'teacher', freeze_teacher(unwrap(teacher)) if teacher is not None else None)
         object.__setattr__(self, 'student', student)
@@ -147,6 +158,7 @@ class Distiller(nn.Module):
         self.pair_losses = nn.ModuleList(pair_losses or [])
         self.output_loss = output_loss
         self.pixel_loss = pixel_loss
+        self.upcycle = upcycle
         self._phase_hook = None
 
     def set_phase_hook(self, hook: Callable[[str], contextlib.AbstractContextManager] | None) -> None:
@@ -174,12 +186,12 @@ class Distiller(nn.Module):
 
     # ------------------------------------------------------------------ forwards and terms
     def needs_teacher(self) -> bool:
-        return bool(self.teacher_layers) or self.output_loss is not None
+        return bool(self.teacher_layers) or self.output_loss is not None or self.upcycle is not None
 
     @torch.no_grad()
     def teacher_forward(self, lq: torch.Tensor) -> TeacherOutput:
-        """Teacher output and features (no graph); ``(None, [])`` when no term uses the teacher."""
-        if not self.needs_teacher():
+        """Teacher output and features (no graph); ``(None, [])`` when no term uses them."""
+        if not (self.teacher_layers or self.output_loss is not None):
             return None, []
         self.teacher.eval()
         with self.phase('teacher_forward'):
@@ -228,18 +240,39 @@ class Distiller(nn.Module):
                 terms['l_kd_out'] = self.output_loss(out_s, out_t)
         return terms
 
+    def upcycled(self, lq: torch.Tensor, gt: torch.Tensor) -> Upcycled | None:
+        """This batch's upcycled inputs with the teacher's outputs of them (None without upcycling)."""
+        if self.upcycle is None:
+            return None
+        self.teacher.eval()
+        with self.phase('teacher_forward'):
+            return self.upcycle.teach(self.teacher, self.upcycle.inputs(lq, gt))
+
+    def upcycle_terms(self, upcycled: Upcycled, params: Mapping[str, torch.Tensor] | None = None):
+        """The upcycling terms of the student (with ``params`` when given: the meta step's virtual student)."""
+        net = self.student if params is None else unwrap(self.student)
+
+        def student(x):
+            return net(x) if params is None else functional_call(net, dict(params), (x, ))
+
+        with self.phase('kd_terms'):
+            return self.upcycle.terms(student, upcycled)
+
     def loss(self, lq: torch.Tensor, gt: torch.Tensor, teacher: TeacherOutput | None = None,
-             params: Mapping[str, torch.Tensor] | None = None, point_kwargs: Mapping | None = None):
+             params: Mapping[str, torch.Tensor] | None = None, point_kwargs: Mapping | None = None,
+             upcycled: Upcycled | None = None):
         """Student objective ``L_pix + sum of KD terms`` on a batch: ``(total, terms, sr)``.
 
         ``teacher``: ``(out_t, feats_t)`` computed before (e.g. cached); default a teacher forward.
         ``params``: evaluate the student with these parameters (meta step). ``point_kwargs``: see
-        :meth:`kd_terms`.
+        :meth:`kd_terms`. ``upcycled``: add the upcycling terms of this batch (:meth:`upcycled`).
         """
         out_t, feats_t = teacher if teacher is not None else self.teacher_forward(lq)
         sr, feats_s = self.student_forward(lq, params)
         terms = self.pixel_terms(sr, gt)
         terms.update(self.kd_terms(sr, feats_s, out_t, feats_t, point_kwargs))
+        if upcycled is not None:
+            terms.update(self.upcycle_terms(upcycled, params))
         if not terms:
             raise ValueError('Distiller: the objective has no term (set a pixel loss or a KD loss)')
         return torch.stack(list(terms.values())).sum(), terms, sr
@@ -279,13 +312,30 @@ class Distiller(nn.Module):
 
     # ------------------------------------------------------------------ the iteration
     def student_step(self, lq: torch.Tensor, gt: torch.Tensor, optimizer, teacher: TeacherOutput,
-                     extra_optimizer=None, point_kwargs: Mapping | None = None) -> StepResult:
+                     extra_optimizer=None, point_kwargs: Mapping | None = None,
+                     upcycled: Upcycled | None = None) -> StepResult:
         """Zero grads, objective, backward, and ``optimizer.step()`` (and ``extra_optimizer.step()``
-        when given) only if the loss and every gradient are finite. ``point_kwargs``: see :meth:`kd_terms`."""
+        when given) only if the loss and every gradient are finite. ``point_kwargs``: see :meth:`kd_terms`;
+        ``upcycled``: the upcycling terms join the objective."""
         optimizer.zero_grad(set_to_none=True)
         if extra_optimizer is not None:
             extra_optimizer.zero_grad(set_to_none=True)
-        total, terms, sr = self.loss(lq, gt, teacher, point_kwargs=point_kwargs)
+        total, terms, sr = self.loss(lq, gt, teacher, point_kwargs=point_kwargs, upcycled=upcycled)
+        logs, skipped = self._step(total, terms, optimizer, extra_optimizer, hooks=True)
+        return StepResult(logs, skipped, sr.detach())
+
+    def upcycle_step(self, upcycled: Upcycled, optimizer) -> StepResult:
+        """The reference DUKD's second optimizer step (``upcycle_opt.steps: 2``): the upcycling terms alone."""
+        optimizer.zero_grad(set_to_none=True)
+        terms = self.upcycle_terms(upcycled)
+        total = torch.stack(list(terms.values())).sum()
+        logs, skipped = self._step(total, terms, optimizer, None, hooks=False)
+        logs['l_total_upcycle'] = logs.pop('l_total')
+        return StepResult(logs, skipped and f'upcycling step: {skipped}')
+
+    def _step(self, total: torch.Tensor, terms: Mapping[str, torch.Tensor], optimizer, extra_optimizer=None,
+              hooks: bool = True):
+        """Backward and step when the loss and every gradient are finite: ``(logs, skipped)``."""
         logs = OrderedDict(l_total=total.detach())
         logs.update((k, v.detach()) for k, v in terms.items())
         skipped = None
@@ -293,20 +343,21 @@ class Distiller(nn.Module):
             bad = [k for k, v in terms.items() if not all_finite([v])]
             skipped = f'non-finite student loss ({", ".join(bad) or "l_total"})'
         else:
-            pending = self._before_backward(total)
+            pending = self._before_backward(total) if hooks else None
             self.backward(total, optimizer)
             if all_finite([p.grad for p in self.grad_inputs()]):
                 optimizer.step()
                 if extra_optimizer is not None:
                     extra_optimizer.step()
-                self._after_step(optimizer, pending)
+                if hooks:
+                    self._after_step(optimizer, pending)
             else:
                 skipped = 'non-finite student gradients'
         if skipped is not None:
             optimizer.zero_grad(set_to_none=True)
             if extra_optimizer is not None:
                 extra_optimizer.zero_grad(set_to_none=True)
-        return StepResult(logs, skipped, sr.detach())
+        return logs, skipped
 
     def _before_backward(self, total: torch.Tensor):
         """Subclass hook: called with the finite student objective before its backward (its graph
@@ -317,14 +368,20 @@ class Distiller(nn.Module):
         """Subclass hook: called after the student step was taken. Default: nothing."""
 
     def train_step(self, lq: torch.Tensor, gt: torch.Tensor, optimizer, *, teacher: TeacherOutput | None = None,
-                   it: int | None = None) -> StepResult:
+                   it: int | None = None, upcycled: Upcycled | None = None) -> StepResult:
         """One iteration: teacher forward (unless ``teacher`` is given), objective, backward, step.
 
         ``optimizer`` holds the student's parameters and :meth:`kd_parameters`. ``it`` is unused
-        here (MetaKD's meta schedule reads it).
+        here (MetaKD's meta schedule reads it). With upcycling, ``upcycled`` (e.g. from a cache)
+        or :meth:`upcycled`; ``steps: 2`` takes the reference's second step on its terms.
         """
         teacher = teacher if teacher is not None else self.teacher_forward(lq)
-        return self.student_step(lq, gt, optimizer, teacher)
+        if self.upcycle is not None and upcycled is None:
+            upcycled = self.upcycled(lq, gt)
+        if self.upcycle is None or self.upcycle.options.steps == 1:
+            return self.student_step(lq, gt, optimizer, teacher, upcycled=upcycled)
+        step = self.student_step(lq, gt, optimizer, teacher)
+        return merge_steps(step, self.upcycle_step(upcycled, optimizer))
 
     def remove_hooks(self) -> None:
         for rec in (self.rec_t, self.rec_s):

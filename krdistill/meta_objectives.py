@@ -63,8 +63,10 @@ class Objective:
         """The KRNets' texture mode in the student step: leave the maps out at ``b_tex = 0``."""
         return 'skip_zero'
 
-    def meta_step(self, lq: torch.Tensor, gt: torch.Tensor, teacher: TeacherOutput, optimizer) -> tuple[Logs, list]:
-        """Set ``.grad`` of :meth:`meta_parameters`; returns ``(logs, tensors that must be finite)``."""
+    def meta_step(self, lq: torch.Tensor, gt: torch.Tensor, teacher: TeacherOutput, optimizer,
+                  upcycled=None) -> tuple[Logs, list]:
+        """Set ``.grad`` of :meth:`meta_parameters`; returns ``(logs, tensors that must be finite)``.
+        ``upcycled``: the batch's upcycling data, whose terms are part of the student objective."""
         raise RuntimeError(f'{type(self).__name__} takes no meta step')
 
     def before_backward(self, total: torch.Tensor) -> Any:
@@ -112,13 +114,13 @@ class OneStep(Objective):
         """What the one-step meta gradient trains."""
         return self.meta_parameters()
 
-    def meta_step(self, lq, gt, teacher, optimizer):
+    def meta_step(self, lq, gt, teacher, optimizer, upcycled=None):
         lq_m, gt_m = self.mkd.meta_batch(lq, gt)
-        logs = self.meta_grad(lq, gt, lq_m, gt_m, teacher, optimizer)
+        logs = self.meta_grad(lq, gt, lq_m, gt_m, teacher, optimizer, upcycled)
         return logs, [logs['l_meta']] + [p.grad for p in self.one_step_parameters()]
 
     def meta_grad(self, lq: torch.Tensor, gt: torch.Tensor, lq_meta: torch.Tensor, gt_meta: torch.Tensor,
-                  teacher: TeacherOutput | None = None, student_optimizer=None) -> Logs:
+                  teacher: TeacherOutput | None = None, student_optimizer=None, upcycled=None) -> Logs:
         """Set ``.grad`` of :meth:`one_step_parameters` to the one-step meta gradient. The student is
         not changed; under ``torch.distributed`` the virtual step uses the global-batch gradient and
         the KRNet gradients are averaged over ranks. Returns ``l_meta``, ``meta_grad_norm``, ``t_meta``."""
@@ -134,7 +136,7 @@ class OneStep(Objective):
             step_fn = optimizer_step(unwrap_optimizer(student_optimizer), bare.named_parameters())
 
             def student_loss(theta):
-                return mkd.loss(lq, gt, teacher, theta, point_kwargs=point)[0]
+                return mkd.loss(lq, gt, teacher, theta, point_kwargs=point, upcycled=upcycled)[0]
 
             def meta_loss(theta):
                 return mkd.pixel_loss(functional_call(bare, theta, (lq_meta, )), gt_meta)
@@ -176,7 +178,7 @@ class Horizon(OneStep):
         lams = {id(p) for _, p in self.branch_weights()}
         return [p for p in self.meta_parameters() if id(p) not in lams]
 
-    def meta_step(self, lq, gt, teacher, optimizer):
+    def meta_step(self, lq, gt, teacher, optimizer, upcycled=None):
         mkd = self.mkd
         if mkd.has_meta_data():  # the branch weights' credit over the trajectory, on an unseen batch
             lq_h, gt_h = mkd.meta_batch(lq, gt)
@@ -185,7 +187,7 @@ class Horizon(OneStep):
         logs = self.horizon_grad(lq_h, gt_h)
         checked = [logs['l_meta_horizon']] + [p.grad for _, p in self.branch_weights()]
         if self.one_step_parameters():
-            one, more = super().meta_step(lq, gt, teacher, optimizer)
+            one, more = super().meta_step(lq, gt, teacher, optimizer, upcycled)
             logs.update(one)
             checked += more
         return logs, checked

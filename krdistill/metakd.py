@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from .distiller import Distiller, StepResult, TeacherOutput, all_finite
+from .upcycle import Upcycled, Upcycler
 from .features import unwrap
 from .losses.texture_loss import TextureWiseLoss
 from .meta_objectives import Objective, make_objective
@@ -104,7 +105,8 @@ class MetaKD(Distiller):
                  student_layers: Sequence[str], krnets: Sequence[nn.Module], texture_loss: nn.Module | None = None,
                  pixel_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
                  output_loss: nn.Module | None = None, meta: MetaOptions | Mapping | None = None,
-                 meta_data: Iterable | None = None, keys: Mapping[str, str] | None = None):
+                 meta_data: Iterable | None = None, keys: Mapping[str, str] | None = None,
+                 upcycle: Upcycler | None = None):
         texture_loss = texture_loss if texture_loss is not None else TextureWiseLoss()
         if not student_layers:
             raise ValueError('MetaKD needs at least one (teacher_module, student_module) distillation point')
@@ -113,7 +115,10 @@ class MetaKD(Distiller):
         terms = [KRTextureTerm(kr, texture_loss) for kr in krnets]
         super().__init__(teacher, student, teacher_layers, student_layers, pair_losses=terms,
                          output_loss=output_loss, pixel_loss=pixel_loss if pixel_loss is not None else nn.L1Loss(),
-                         keys=keys)
+                         keys=keys, upcycle=upcycle)
+        if upcycle is not None and upcycle.options.steps != 1:
+            raise ValueError(f'{upcycle.key}.steps: MetaKD takes one student step per iteration (its meta '
+                             f'objectives follow that step); use steps: 1')
         self.krnets = nn.ModuleList(krnets)
         self.meta = check_meta_options(meta)
         #: what trains the KRNets (chosen once, here)
@@ -177,7 +182,8 @@ class MetaKD(Distiller):
 
     # ------------------------------------------------------------------ the iteration
     def train_step(self, lq: torch.Tensor, gt: torch.Tensor, optimizer, optimizer_kr=None, *,
-                   teacher: TeacherOutput | None = None, it: int | None = None) -> StepResult:
+                   teacher: TeacherOutput | None = None, it: int | None = None,
+                   upcycled: Upcycled | None = None) -> StepResult:
         """One MetaKD iteration: the meta step on meta iterations, then the student step.
 
         Args:
@@ -186,6 +192,9 @@ class MetaKD(Distiller):
             optimizer_kr: the KRNets' optimizer; needed unless no KRNet parameter is trained.
             teacher: ``(out_t, feats_t)`` of this batch, e.g. from a cache; default one teacher forward.
             it: the 1-based iteration (the meta schedule); default the number of calls so far.
+            upcycled: with upcycling, this batch's upcycled data (e.g. cached); default
+                :meth:`~krdistill.distiller.Distiller.upcycled`. Its terms are in the student
+                objective and in the virtual step.
 
         Returns:
             :class:`~krdistill.distiller.StepResult`: ``logs`` (``l_total``, ``l_pix``,
@@ -198,12 +207,14 @@ class MetaKD(Distiller):
         if optimizer_kr is None and (self.meta_kr_parameters() or self.trained_kd_parameters()):
             raise ValueError('MetaKD.train_step: optimizer_kr is needed to train the KRNets')
         teacher = teacher if teacher is not None else self.teacher_forward(lq)
+        if self.upcycle is not None and upcycled is None:
+            upcycled = self.upcycled(lq, gt)
         self._started = it > self.meta.start
         info: 'OrderedDict[str, torch.Tensor]' = OrderedDict()
         skipped = None
         if self.is_meta_iter(it):
             optimizer_kr.zero_grad(set_to_none=True)
-            logs, checked = self.objective.meta_step(lq, gt, teacher, optimizer)
+            logs, checked = self.objective.meta_step(lq, gt, teacher, optimizer, upcycled)
             info.update(logs)
             if all_finite(checked):
                 optimizer_kr.step()
@@ -215,7 +226,8 @@ class MetaKD(Distiller):
             optimizer_kr.zero_grad(set_to_none=True)
         joint = optimizer_kr if self.trained_kd_parameters() else None
         texture = self.objective.student_texture(self._started)
-        step = self.student_step(lq, gt, optimizer, teacher, extra_optimizer=joint, point_kwargs={'texture': texture})
+        step = self.student_step(lq, gt, optimizer, teacher, extra_optimizer=joint, point_kwargs={'texture': texture},
+                                 upcycled=upcycled)
         step.logs.update(info)
         for i, term in enumerate(self.pair_losses):  # what each KRNet transferred in the student step
             step.logs.update((f'kr{i}_{k}', v) for k, v in term.stats.items() if v.dim() == 0)

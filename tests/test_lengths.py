@@ -101,3 +101,30 @@ def test_preloaded_rows_train_the_same_student(tmp_path, data_root):  # noqa: F8
         params.append(torch.load(tmp_path / 'run' / 'runs' / f'fast_{preload}' / 'student.pth', weights_only=True))
     for k, v in params[0]['params'].items():
         assert torch.equal(v, params[1]['params'][k]), k
+
+
+def test_dukd_rows_cached_upcycling_equal_compute_and_method_lengths(tmp_path, data_root):  # noqa: F811
+    """DUKD rows: the upcycled teacher outputs are cached once, `equal_compute` runs fewer iterations
+    (FLOPs of output KD at the column's length) and `method_lengths` narrows a row's lengths."""
+    cfg = lengths_config()
+    up = {'zoom_in': 1, 'zoom_out': True, 'aug_prob': 0.5}
+    cfg['methods'] = dict(student_alone={}, output_kd={'output_kd': 1.0},
+                          dukd={'output_kd': 1.0, 'upcycle': up},
+                          dukd_eqc={'output_kd': 1.0, 'upcycle': up, 'equal_compute': 'output_kd'},
+                          dukd_2step={'output_kd': 1.0, 'upcycle': dict(up, steps=2)})
+    cfg['method_lengths'] = {'dukd_2step': {8: [0]}}
+    out = tmp_path / 'run'
+    s = bl.run_lengths(cfg, data_root, out, workers=0, plot=False)
+    assert len(list((out / 'cache').glob('upcycle_*/done'))) == 1
+    runs = json.loads((out / 'lengths.json').read_text())['runs']
+    assert {'dukd_2step_s0_i8'} == {n for n in runs if n.startswith('dukd_2step')}
+    eqc, full = runs['dukd_eqc_s0_i8'], runs['dukd_s0_i8']
+    assert eqc['nominal_iters'] == 8 and 1 <= eqc['iters'] < 8 and full['iters'] == 8
+    for r in (eqc, full):
+        assert all(k in r['stats'][-1] for k in ('l_zoom_in', 'l_zoom_out_pix', 'l_zoom_out_kd'))
+    assert 'l_total_upcycle' in runs['dukd_2step_s0_i8']['stats'][-1]
+    rows = {r['method']: r for r in s['lengths'][1]['rows']}
+    assert rows['dukd_eqc']['iters'] == eqc['iters'] and rows['dukd']['iters'] == 8
+    assert rows['dukd'][f'{s["tests"][0]}_gap'] is not None
+    with pytest.raises(ValueError, match=r'method_lengths\.dukd\.5'):
+        bl.run_lengths(dict(cfg, method_lengths={'dukd': {5: [0]}}), data_root, out, workers=0, plot=False)

@@ -120,7 +120,7 @@ class MMEngineMetaKDModel(BaseModel):
             only for smoke tests). ``teacher_param_key``: key inside it (``params`` for BasicSR,
             ``state_dict`` for mmengine; ``None`` for a bare state dict). ``strict_load_teacher``.
             ``teacher_prefix``: keep and strip keys with this prefix (``'generator.'`` for MMagic).
-        network_kr, texture_opt, output_kd_opt, pixel_opt, meta: as :func:`krdistill.build.build_metakd`
+        network_kr, texture_opt, output_kd_opt, pixel_opt, meta, upcycle_opt: as :func:`krdistill.build.build_metakd`
             (same names and defaults as BasicSR's YAML). Loss types the API does not know are
             built from ``MODELS``.
         data_preprocessor, init_cfg: as ``BaseModel``.
@@ -134,7 +134,8 @@ class MMEngineMetaKDModel(BaseModel):
                  teacher_prefix: str | None = None,
                  network_kr: Mapping | None = None, texture_opt: Mapping | None = None,
                  output_kd_opt: Mapping | None = None, pixel_opt: Mapping | None = None,
-                 meta: Mapping | None = None, data_preprocessor=None, init_cfg=None) -> None:
+                 meta: Mapping | None = None, upcycle_opt: Mapping | None = None, data_preprocessor=None,
+                 init_cfg=None) -> None:
         super().__init__(data_preprocessor=data_preprocessor, init_cfg=init_cfg)
         self.student = build_sr_network(student, 'model.student')
         teacher = build_sr_network(teacher, 'model.teacher')
@@ -149,10 +150,10 @@ class MMEngineMetaKDModel(BaseModel):
         keys = dict(teacher_layers='model.pairs (teacher module names)',
                     student_layers='model.pairs (student module names)', network_kr='model.network_kr',
                     texture_opt='model.texture_opt', output_kd_opt='model.output_kd_opt', pixel_opt='model.pixel_opt',
-                    meta='model.meta')
+                    meta='model.meta', upcycle_opt='model.upcycle_opt')
         self.mkd = build_metakd(self.teacher, self.student, [p[0] for p in pairs], [p[1] for p in pairs],
                                 network_kr=network_kr, texture_opt=texture_opt, output_kd_opt=output_kd_opt,
-                                pixel_opt=pixel_opt, meta=meta, resolve=resolve, keys=keys)
+                                pixel_opt=pixel_opt, meta=meta, resolve=resolve, keys=keys, upcycle_opt=upcycle_opt)
         self.krnets = self.mkd.krnets  # a sub-module: saved as krnets.*, stepped by optim_wrapper.krnets
 
     def _apply(self, fn, *args, **kwargs):

@@ -34,6 +34,7 @@ class KDSRModel(TeacherStudentModel):
         train_opt = self.opt['train']
         return build_distiller(self.net_t, self.net_g, self.kd_opt['teacher_layers'], self.kd_opt['student_layers'],
                                kd_opt=train_opt.get('kd_opt'), output_kd_opt=train_opt.get('output_kd_opt'),
+                               upcycle_opt=train_opt.get('upcycle_opt'),
                                pixel_opt=self.pixel_terms, shapes=self.kd_shapes, keys=BASICSR_KEYS)
 
     def run_iteration(self, current_iter):

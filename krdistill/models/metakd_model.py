@@ -63,7 +63,8 @@ class MetaKDModel(TeacherStudentModel):
         mkd = build_metakd(self.net_t, self.net_g, self.kd_opt['teacher_layers'], self.kd_opt['student_layers'],
                            network_kr=opt.get('network_kr'), texture_opt=train_opt.get('texture_opt'),
                            output_kd_opt=train_opt.get('output_kd_opt'), pixel_opt=train_opt['pixel_opt'],
-                           meta=meta, meta_data=self._meta_loader(ds_opt) if ds_opt else None, shapes=self.kd_shapes, keys=BASICSR_KEYS)
+                           meta=meta, meta_data=self._meta_loader(ds_opt) if ds_opt else None, shapes=self.kd_shapes,
+                           keys=BASICSR_KEYS, upcycle_opt=train_opt.get('upcycle_opt'))
         self.net_kr = mkd.krnets
         load_path = opt['path'].get('pretrain_network_kr')
         if load_path and not opt['path'].get('resume_state'):

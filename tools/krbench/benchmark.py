@@ -49,6 +49,7 @@ from krdistill import evaluation as ev
 from krdistill.build import build_distiller, build_metakd, build_optimizer, probe_pairs
 from krdistill.io import list_images, read_image
 from krdistill.metakd import texture_stats
+from krdistill.upcycle import Upcycled, zoom_out
 from krdistill.kr_picture import texture_weights
 
 from .memprobe import reset_peak_rss, status_kib
@@ -64,8 +65,11 @@ METHOD_LABELS = {
     'fitnet_out_fastreg': 'FitNet + output KD, regressor at lr 1e-2',
     'metakd_onestep': 'MetaKD, one-step objective (v3)',
     'metakd_late': 'MetaKD (quiz split, late start, horizon)',
+    'dukd': 'DUKD (output KD + data upcycling, 1 step)', 'dukd_2step': 'DUKD, 2 optimizer steps (reference)',
+    'dukd_fitnet': 'DUKD + FitNet (regressor at lr 1e-2)', 'dukd_eqc': "DUKD at output KD's compute",
 }
-HANDCRAFTED = ('output_kd', 'fitnet', 'at', 'fakd', 'fitnet_out', 'fitnet_out_fastreg')
+HANDCRAFTED = ('output_kd', 'fitnet', 'at', 'fakd', 'fitnet_out', 'fitnet_out_fastreg', 'dukd', 'dukd_2step',
+               'dukd_fitnet')
 
 
 def log(*a):
@@ -320,6 +324,93 @@ def precompute_teacher(cfg: dict, pool: Path, ckpt: Path, layers: list[str], cac
     return folder
 
 
+def precompute_upcycle(cfg: dict, pool: Path, ckpt: Path, cache: Path, threads: int, device='cpu') -> Path:
+    """DUKD's upcycled data for every pool patch (once): one zoom-in tile per patch (``zin_tile``,
+    drawn from ``pool.seed``) with the teacher's output of it (``zin_t``), and the teacher's output of
+    the zoomed-out LR patch (``zout_t``), fp16 row files. The rows train exactly as the teacher run
+    online would, except that a patch always brings the same tile (the pool is fixed already)."""
+    from krdistill.upcycle import zoom_out
+    with open(ckpt, 'rb') as f:
+        digest = hashlib.sha256(f.read()).hexdigest()
+    key = _hash(dict(pool=pool.name, ckpt=digest, net=cfg['teacher']['network'], what='upcycle-v1'))
+    folder = cache / f'upcycle_{key}'
+    if (folder / 'done').exists():
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(threads)
+    scale = cfg['scale']
+    net = ev.load_network(build_net(cfg['teacher']['network']), ckpt).eval().to(device)
+    hr_f, lr_f = RowFile(pool / 'pool_hr.bin'), RowFile(pool / 'pool_lr.bin')
+    n = len(lr_f)
+    tiles = np.random.default_rng(int(cfg['pool']['seed']) + 3).integers(0, scale * scale, n)
+    _rows_write(folder / 'zin_tile.bin', tiles.astype(np.int64))
+    g, l = hr_f.shape[-1], lr_f.shape[-1]
+    zin_mm = np.memmap(folder / 'zin_t.bin', np.float16, 'w+', shape=(n, 3, g, g))
+    lo = -(-l // scale) * scale  # the teacher's output of the zoomed-out LR patch
+    zout_mm = np.memmap(folder / 'zout_t.bin', np.float16, 'w+', shape=(n, 3, lo, lo))
+    for name, shp in (('zin_t.bin', (n, 3, g, g)), ('zout_t.bin', (n, 3, lo, lo))):
+        with open(str(folder / name) + '.json', 'w') as f:
+            json.dump(dict(shape=list(shp), dtype='float16'), f)
+    t0, bs = time.time(), 32
+    with torch.no_grad():
+        for s0 in range(0, n, bs):
+            idx = np.arange(s0, min(n, s0 + bs))
+            gt, lq = to_float(hr_f.take(idx), device), to_float(lr_f.take(idx), device)
+            zin_mm[s0:s0 + len(idx)] = net(upcycle_tiles(gt, tiles[idx], scale)).half().cpu().numpy()
+            zout_mm[s0:s0 + len(idx)] = net(zoom_out(lq, scale)).half().cpu().numpy()
+            if (s0 // bs) % 50 == 0:
+                done = s0 + len(idx)
+                log(f'upcycle precompute {done}/{n} ETA {(time.time() - t0) / done * (n - done) / 60:.1f} min')
+    zin_mm.flush()
+    zout_mm.flush()
+    del zin_mm, zout_mm
+    (folder / 'done').write_text('ok')
+    log(f'upcycle precompute done in {time.time() - t0:.0f} s -> {folder}')
+    return folder
+
+
+def upcycle_tiles(gt: torch.Tensor, tile: np.ndarray, scale: int) -> torch.Tensor:
+    """Tile ``tile[i]`` (row-major in the ``scale x scale`` grid) of each GT patch: the cached zoom-in input."""
+    b, c, hh, ww = gt.shape
+    h, w = hh // scale, ww // scale
+    tiles = gt.reshape(b, c, scale, h, scale, w).permute(0, 2, 4, 1, 3, 5).reshape(b, scale * scale, c, h, w)
+    return tiles[torch.arange(b, device=gt.device), torch.as_tensor(np.asarray(tile), device=gt.device)]
+
+
+def step_flops(cfg: dict, method: str, mcfg: dict, batch: int = 2) -> float:
+    """Floating-point operations of one training iteration of ``method`` as a user runs it (the
+    teacher online, no cache): teacher forwards plus the student's forward and backward, counted by
+    ``torch.utils.flop_counter`` on a ``batch`` of pool-sized patches. What ``equal_compute`` compares."""
+    from torch.utils.flop_counter import FlopCounterMode
+    if 'metakd' in (mcfg or {}):
+        raise ValueError(f'methods.{method}.equal_compute: only for the hand-crafted rows (not metakd)')
+    torch.manual_seed(0)
+    teacher, student = build_net(cfg['teacher']['network']), build_net(cfg['student']['network'])
+    spec = dict(method=method, method_cfg={k: v for k, v in (mcfg or {}).items() if k != 'equal_compute'},
+                teacher_layers=list(cfg['kd']['teacher_layers']), student_layers=list(cfg['kd']['student_layers']),
+                shapes=_shapes(cfg), iters=1)
+    algo, _ = build_method(spec, teacher, student)
+    g = cfg['pool']['gt_size']
+    gt = torch.rand(batch, 3, g, g)
+    lq = torch.nn.functional.avg_pool2d(gt, cfg['scale'])
+    opt = torch.optim.Adam(list(student.parameters()) + algo.kd_parameters(), 1e-4)
+    with FlopCounterMode(display=False) as fc:
+        algo.train_step(lq, gt, opt)
+    return float(fc.get_total_flops())
+
+
+def iteration_budget(cfg: dict, method: str, mcfg: dict, iters: int) -> int:
+    """The run length of ``method`` at ``iters`` nominal iterations: ``iters``, or with
+    ``equal_compute: <row>`` the iterations whose teacher + student FLOPs equal ``<row>``'s at ``iters``."""
+    ref = (mcfg or {}).get('equal_compute')
+    if not ref:
+        return iters
+    if ref not in cfg['methods']:
+        raise KeyError(f'methods.{method}.equal_compute: {ref!r} is not a method of this config')
+    ratio = step_flops(cfg, ref, cfg['methods'][ref]) / step_flops(cfg, method, mcfg)
+    return max(1, int(round(iters * ratio)))
+
+
 # ============================================================================================ one job
 def batch_order(n: int, batches: int, batch: int, seed: int) -> np.ndarray:
     """The per-seed batch order (the same for every method): concatenated permutations."""
@@ -338,7 +429,7 @@ def _psnr_y_only(net, pairs, scale, device='cpu') -> float:
 
 #: the student's reconstruction loss in every method (and MetaKD's meta objective)
 PIXEL_OPT = {'type': 'L1Loss', 'loss_weight': 1.0}
-_METHOD_KEYS = ('output_kd', 'pair', 'metakd', 'regressor_optim')
+_METHOD_KEYS = ('output_kd', 'pair', 'metakd', 'regressor_optim', 'upcycle', 'equal_compute')
 #: ``meta_data: quiz`` (meta batches from the held-out quiz pool) and ``start_fraction`` (``meta.start`` as a
 #: fraction of the run's iterations) are the protocol's; the rest are MetaKD's option blocks
 _METAKD_KEYS = ('krnet', 'texture_weight', 'texture', 'optim_kr', 'meta', 'meta_data', 'start_fraction')
@@ -363,7 +454,11 @@ def method_options(mcfg: dict, key: str = 'methods.<name>') -> dict:
         if 'pair' not in mcfg or sorted(set(ro) - {'lr', 'betas'}):
             raise ValueError(f'{key}.regressor_optim: {{lr, betas}} of the regressors of a pair loss (Adam, its own '
                              f'param group, cosine like the student); needs {key}.pair, got {ro!r}')
+    if 'upcycle' in mcfg and int((mcfg['upcycle'] or {}).get('zoom_in', 1)) > 1:
+        raise ValueError(f'{key}.upcycle.zoom_in: the protocol caches one zoom-in tile per pool patch; use 1 or 0')
     out = {'pixel_opt': dict(PIXEL_OPT)}
+    if 'upcycle' in mcfg:
+        out['upcycle_opt'] = dict(mcfg['upcycle'] or {})
     if mcfg.get('output_kd'):
         out['output_kd_opt'] = {'type': 'OutputKDLoss', 'loss_weight': float(mcfg['output_kd'])}
     if 'pair' in mcfg:
@@ -413,7 +508,7 @@ def build_method(spec: dict, teacher: nn.Module, student: nn.Module):
                 raise ValueError(f'methods.{spec["method"]}.metakd.meta_data: quiz needs data.quiz in the config')
             mkd.set_meta_data(QuizBatches(spec['quiz_pool'], spec['batch'], spec['seed'], spec.get('device') or 'cpu'))
         return mkd, optim_kr
-    needs_teacher = 'kd_opt' in opts or 'output_kd_opt' in opts
+    needs_teacher = 'kd_opt' in opts or 'output_kd_opt' in opts or 'upcycle_opt' in opts
     return build_distiller(teacher if needs_teacher else None, student, tl, sl, shapes=shapes,
                            keys=_keys(spec['method']), **opts), None
 
@@ -439,7 +534,7 @@ def _keys(method: str) -> dict:
     m = f'methods.{method}'
     return dict(teacher_layers='kd.teacher_layers', student_layers='kd.student_layers', kd_opt=f'{m}.pair',
                 output_kd_opt=f'{m}.output_kd', pixel_opt='pixel_opt', network_kr=f'{m}.metakd.krnet',
-                texture_opt=f'{m}.metakd.texture', meta=f'{m}.metakd.meta')
+                texture_opt=f'{m}.metakd.texture', meta=f'{m}.metakd.meta', upcycle_opt=f'{m}.upcycle')
 
 
 def _meta_step_timer(sync, acc: list):
@@ -528,6 +623,10 @@ def run_job(spec: dict) -> dict:
     uses_feats = 'kd_opt' in opts or 'network_kr' in opts
     out_f = rows(tcache / 'out_t.bin') if 'output_kd_opt' in opts else None
     feat_f = [rows(tcache / f'feat_{n}.bin') for n in spec['teacher_layers']] if uses_feats else []
+    if 'upcycle_opt' in opts:  # DUKD's upcycled data: cached teacher outputs (precompute_upcycle)
+        ucache = Path(spec['upcycle_cache'])
+        zin_tile = np.fromfile(ucache / 'zin_tile.bin', np.int64)
+        zin_f, zout_f = rows(ucache / 'zin_t.bin'), rows(ucache / 'zout_t.bin')
 
     sync = torch.cuda.synchronize if device.type == 'cuda' else (lambda: None)
     torch.manual_seed(seed)
@@ -561,7 +660,16 @@ def run_job(spec: dict) -> dict:
         lq, gt = lr_f.rows(idx, device).float().div_(255.), hr_f.rows(idx, device).float().div_(255.)
         out_t = out_f.rows(idx, device).float() if out_f is not None else None
         feats_t = [f.rows(idx, device).float() for f in feat_f]
-        return lq, gt, (out_t, feats_t)
+        return lq, gt, (out_t, feats_t), (_upcycled(algo.upcycle, lq, gt, idx) if algo.upcycle is not None else None)
+
+    def _upcycled(up, lq, gt, idx):
+        o = up.options
+        zin = upcycle_tiles(gt, zin_tile[idx], spec['scale']) if o.zoom_in else None
+        zout = zoom_out(lq, spec['scale']) if o.zoom_out else None
+        return Upcycled(zin=zin, zin_t=zin_f.rows(idx, device).float() if o.zoom_in else None,
+                        zout=zout, zout_t=zout_f.rows(idx, device).float() if o.zoom_out else None, lq=lq,
+                        zin_ops=up.augmentations(len(idx)) if o.zoom_in else None,
+                        zout_ops=up.augmentations(len(idx)) if o.zoom_out else None)
 
     val_pairs = [] if measure else ev.load_pairs(spec['val']['hr'], spec['scale'], spec['val'].get('lr'))
     kr_pic = _kr_picture_input(spec, algo, val_pairs, device) if is_meta and not measure else None
@@ -576,14 +684,14 @@ def run_job(spec: dict) -> dict:
     step_times = []
     for it in range(1, total + 1):
         t0 = time.perf_counter()
-        lq, gt, teacher_out = get(it)
+        lq, gt, teacher_out, upcycled = get(it)
         n_timed = len(meta_times)
         ts = time.perf_counter()
         if is_meta:
             sched_it = _measure_it(it, total, measure['meta'], every) if measure else it
-            step = algo.train_step(lq, gt, opt, opt_kr, teacher=teacher_out, it=sched_it)
+            step = algo.train_step(lq, gt, opt, opt_kr, teacher=teacher_out, it=sched_it, upcycled=upcycled)
         else:
-            step = algo.train_step(lq, gt, opt, teacher=teacher_out, it=it)
+            step = algo.train_step(lq, gt, opt, teacher=teacher_out, it=it, upcycled=upcycled)
         with warnings.catch_warnings():  # no step taken (non-meta iteration, skipped step): the schedules advance
             warnings.simplefilter('ignore', UserWarning)
             sched.step()
@@ -645,7 +753,8 @@ def run_job(spec: dict) -> dict:
         from krdistill.kr_picture import draw_points
         ev.load_network(teacher, spec['teacher_ckpt'])  # the real teacher (training used its cached outputs)
         write_image(run_dir / 'kr.png', draw_points(algo, kr_pic['lq'], kr_pic['history']))
-    res = dict(name=spec['name'], method=spec['method'], seed=seed, iters=iters, network=spec['student_network'],
+    res = dict(name=spec['name'], method=spec['method'], seed=seed, iters=iters,
+               nominal_iters=spec.get('nominal_iters') or iters, network=spec['student_network'],
                params=sum(p.numel() for p in student.parameters()), s_per_iter=t_train / iters,
                meta_steps=n_meta, meta_iters=meta_iters,
                s_per_meta_step=(t_meta / meta_iters) if meta_times else None,
@@ -772,8 +881,11 @@ def prepare(cfg: dict, data_root: Path, out: Path, teacher_ckpt: str | None, thr
         teacher_ckpt = cfg['teacher']['checkpoint']
     tpath = get_teacher(cfg, pool, out, teacher_ckpt, threads, device)
     tcache = precompute_teacher(cfg, pool, tpath, list(cfg['kd']['teacher_layers']), cache, threads, device)
+    ucache = precompute_upcycle(cfg, pool, tpath, cache, threads, device) \
+        if any('upcycle' in (m or {}) for m in cfg['methods'].values()) else None
     return dict(out=str(out), tests=tests, val=val, pool=str(pool), quiz_pool=str(quiz) if quiz else None,
-                teacher_ckpt=str(tpath), teacher_cache=str(tcache), shapes=_shapes(cfg), device=device)
+                teacher_ckpt=str(tpath), teacher_cache=str(tcache), shapes=_shapes(cfg), device=device,
+                upcycle_cache=str(ucache) if ucache else None)
 
 
 def reference_scores(cfg: dict, ctx: dict, out: Path, threads: int, device='cpu') -> dict:
@@ -795,9 +907,11 @@ def reference_scores(cfg: dict, ctx: dict, out: Path, threads: int, device='cpu'
 
 
 def job_spec(cfg: dict, ctx: dict, name: str, method: str, mcfg: dict, seed: int, iters: int, threads: int,
-             measure: dict | None = None) -> dict:
-    """What :func:`run_job` needs for one (method, seed, iterations) run."""
-    return dict(name=name, method=method, method_cfg=mcfg, seed=seed, iters=iters, batch=cfg['train']['batch'],
+             measure: dict | None = None, nominal_iters: int | None = None) -> dict:
+    """What :func:`run_job` needs for one (method, seed, iterations) run (``nominal_iters``: the
+    length it stands for, e.g. with ``equal_compute``)."""
+    return dict(name=name, method=method, method_cfg=mcfg, seed=seed, iters=iters, nominal_iters=nominal_iters,
+                upcycle_cache=ctx.get('upcycle_cache'), batch=cfg['train']['batch'],
                 lr=cfg['train']['lr'], betas=cfg['train']['betas'], threads=threads, scale=cfg['scale'],
                 pool=ctx['pool'], quiz_pool=ctx['quiz_pool'], teacher_cache=ctx['teacher_cache'],
                 teacher_layers=list(cfg['kd']['teacher_layers']), student_layers=list(cfg['kd']['student_layers']),

@@ -12,6 +12,12 @@ Config: a benchmark config (``options/bench/cpu_x4.yml`` schema) plus::
       3000: [0, 1]
       27000: [0]
     frozen_equals: fitnet_out_fastreg   # optional: a method the frozen control equals by construction
+    method_lengths:     # optional: rows run at fewer lengths / seeds (each a subset of `lengths`)
+      dukd_2step: {3000: [0, 1]}
+
+A method block with ``equal_compute: <row>`` runs, at each length ``n``, the iterations whose
+teacher + student FLOPs equal ``<row>``'s at ``n`` (:func:`~krbench.benchmark.iteration_budget`);
+it is reported in the column of ``n``, with its own iterations beside it.
 
 Writes ``lengths.json``, ``lengths.md`` (per length: every row, its gap to the same-seed student
 alone, MetaKD - frozen, the teacher's lead over the student alone) and ``lengths.png``.
@@ -28,7 +34,8 @@ import numpy as np
 
 from krdistill import evaluation as ev
 
-from .benchmark import METHOD_LABELS, _exec, _ms, _pm, job_spec, load_config, log, prepare, reference_scores
+from .benchmark import (METHOD_LABELS, _exec, _ms, _pm, iteration_budget, job_spec, load_config, log, prepare,
+                        reference_scores)
 
 __all__ = ['run_lengths', 'summarize_lengths', 'format_lengths', 'plot_lengths', 'main']
 
@@ -39,7 +46,31 @@ _COST = {'student_alone': 1.0, 'output_kd': 1.15}
 def _cost(method: str, mcfg: dict) -> float:
     if 'metakd' in (mcfg or {}):
         return 1.6
+    if 'upcycle' in (mcfg or {}):
+        return 2.2
     return _COST.get(method, 1.3)
+
+
+def _method_lengths(cfg: dict, lengths: dict[int, list[int]]) -> dict[str, dict[int, list[int]]]:
+    """Per method: ``{iterations: seeds}``, ``lengths`` unless ``method_lengths`` narrows it."""
+    raw = cfg.get('method_lengths') or {}
+    out = {}
+    for m in cfg['methods']:
+        if m not in raw:
+            out[m] = lengths
+            continue
+        own = {}
+        for k, seeds in (raw[m] or {}).items():
+            n = int(k)
+            if n not in lengths or not set(seeds) <= set(lengths[n]):
+                raise ValueError(f'method_lengths.{m}.{k}: must be a length of `lengths` with a subset of its seeds '
+                                 f'({lengths})')
+            own[n] = list(seeds)
+        out[m] = own
+    unknown = sorted(set(raw) - set(cfg['methods']))
+    if unknown:
+        raise KeyError(f'method_lengths: {unknown} are not methods of this config')
+    return out
 
 
 def _lengths(cfg: dict) -> dict[int, list[int]]:
@@ -77,10 +108,17 @@ def run_lengths(config: str | dict, data_root, out, teacher_ckpt: str | None = N
     ctx = prepare(cfg, data_root, out, teacher_ckpt, max(1, workers) * threads, device)
 
     jobs = []
-    for n, seeds in lengths.items():
-        for m, mc in cfg['methods'].items():
+    per_method = _method_lengths(cfg, lengths)
+    budgets = {}
+    for m, mc in cfg['methods'].items():
+        for n, seeds in per_method[m].items():
+            if (m, n) not in budgets:
+                budgets[m, n] = iteration_budget(cfg, m, mc, n)
+                if budgets[m, n] != n:
+                    log(f'{m}: {budgets[m, n]} iterations at the compute of {mc["equal_compute"]} x {n}')
             for s in seeds:
-                jobs.append((n * _cost(m, mc), job_spec(cfg, ctx, f'{m}_s{s}_i{n}', m, mc, s, n, threads)))
+                jobs.append((budgets[m, n] * _cost(m, mc),
+                             job_spec(cfg, ctx, f'{m}_s{s}_i{n}', m, mc, s, budgets[m, n], threads, nominal_iters=n)))
     jobs.sort(key=lambda j: -j[0])
     specs = [j[1] for j in jobs]
     total = sum(j[0] for j in jobs)
@@ -130,13 +168,15 @@ def summarize_lengths(cfg: dict, lengths: dict, runs: dict, ref: dict) -> dict:
     out = dict(tests=tests, lengths=[], teacher={t: ref['teacher'][t]['psnr'] for t in tests},
                bicubic={t: ref['bicubic'][t]['psnr'] for t in tests}, frozen_equals=frozen_as)
     for n in lengths:
-        by = {m: {r['seed']: r for r in runs.values() if r['method'] == m and r['iters'] == n} for m in cfg['methods']}
+        by = {m: {r['seed']: r for r in runs.values() if r['method'] == m and r.get('nominal_iters', r['iters']) == n}
+              for m in cfg['methods']}
         alone = by.get('student_alone', {})
         rows = []
         for m, rs in by.items():
             if not rs:
                 continue
-            row = dict(method=m, seeds=sorted(rs), s_per_iter=_ms([r['s_per_iter'] for r in rs.values()]))
+            row = dict(method=m, seeds=sorted(rs), s_per_iter=_ms([r['s_per_iter'] for r in rs.values()]),
+                       iters=max(r['iters'] for r in rs.values()))
             for t in tests:
                 row[t] = _ms([rs[s]['tests'][t]['psnr'] for s in sorted(rs)])
                 if m != 'student_alone':
@@ -176,7 +216,10 @@ def format_lengths(s: dict) -> str:
                 g = r.get(f'{t}_gap')
                 gaps.append('–' if g is None else _signed(g) +
                             (' [' + ' '.join(f'{v:+.3f}' for v in g['values']) + ']' if g['n'] > 1 else ''))
-            body.append([METHOD_LABELS.get(r['method'], r['method']), len(r['seeds'])] +
+            label = METHOD_LABELS.get(r['method'], r['method'])
+            if r.get('iters', e['iters']) != e['iters']:
+                label += f' ({r["iters"]} it)'
+            body.append([label, len(r['seeds'])] +
                         [_pm(r[t]) for t in tests] + gaps + [f'{r["s_per_iter"]["mean"]:.3f}'])
         lines += [ev.markdown_table(header, body), '']
         for m, d in e['meta_minus_frozen'].items():
