@@ -144,8 +144,21 @@ def point_channels(opt: dict) -> list[tuple[int, int]]:
     return [(s[1], t[1]) for s, t in zip(s_shapes, t_shapes)]
 
 
+#: ``train`` blocks named ``*_opt`` that are not losses (checked by their own test)
+NOT_LOSSES = ('upcycle_opt', )
+
+
 def loss_blocks(opt: dict) -> dict:
-    return {k: v for k, v in (opt.get('train') or {}).items() if k.endswith('_opt') and isinstance(v, dict)}
+    return {k: v for k, v in (opt.get('train') or {}).items()
+            if k.endswith('_opt') and isinstance(v, dict) and k not in NOT_LOSSES}
+
+
+@pytest.mark.parametrize('path', [p for p in OPTION_FILES if 'DUKD' in p.name], ids=lambda p: p.name)
+def test_upcycle_blocks_are_valid(path):
+    from krdistill.upcycle import check_upcycle_options
+    opt = load(path)
+    up = check_upcycle_options(opt['train']['upcycle_opt'], 'train.upcycle_opt', opt['scale'])
+    assert up.zoom_in >= 1 and up.zoom_out and 0 < up.aug_prob < 1
 
 
 def loss_forward(opt: dict, key: str, loss: torch.nn.Module) -> torch.Tensor | None:
@@ -196,7 +209,7 @@ def test_layout_has_the_headline_and_baseline_files():
     for teacher, student in (('EDSRLx4', 'EDSRx4'), ('RCANx4', 'RCANG10B6x4')):
         expected = [f'options/train/kd/train_Baseline_{student}.yml'] + [
             f'options/train/kd/train_KD_{method}_{teacher}_to_{student}.yml'
-            for method in ('Output', 'FitNet', 'AT', 'FAKD')]
+            for method in ('Output', 'FitNet', 'AT', 'FAKD', 'DUKD')]
         for rel in expected:
             assert rel in names, f'{rel} is missing'
 

@@ -1,11 +1,15 @@
 """MetaKD in a plain PyTorch training loop: no BasicSR, no mmengine, torch only.
 
     python tools/plain_loop_example.py [--iters 20] [--teacher-iters 30] [--mode exact|finite_difference]
+    python tools/plain_loop_example.py --method dukd      # output KD with DUKD's data upcycling
 
 A tiny EDSR-like teacher is first fitted for a few iterations on synthetic x2 pairs (stand-in for
 your trained teacher), then a thinner student is trained with :class:`krdistill.metakd.MetaKD`:
 texture-wise distillation through a KRNet, and a meta update of the KRNet before each student step.
 The iteration is :meth:`krdistill.metakd.MetaKD.train_step`, the code BasicSR's ``MetaKDModel`` runs.
+``--method dukd`` trains the student with output KD and data upcycling (zoom-in, zoom-out,
+label-consistency augmentations) through :meth:`krdistill.distiller.Distiller.train_step`, the code
+BasicSR's ``KDSRModel`` runs.
 """
 from __future__ import annotations
 
@@ -15,7 +19,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from krdistill.build import build_metakd, build_optimizer
+from krdistill.build import build_distiller, build_metakd, build_optimizer
 
 
 class TinyEDSR(nn.Module):
@@ -54,6 +58,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument('--teacher-iters', type=int, default=30, help='teacher warm-up iterations (default 30)')
     parser.add_argument('--mode', default='exact', choices=['exact', 'finite_difference'], help='meta.mode')
     parser.add_argument('--seed', type=int, default=0)
+    parser.add_argument('--method', default='metakd', choices=['metakd', 'dukd'],
+                        help='metakd (default) or dukd: output KD with data upcycling')
     args = parser.parse_args(argv)
     torch.manual_seed(args.seed)
     gen = torch.Generator().manual_seed(args.seed)
@@ -68,6 +74,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     # ---- the plain loop a user writes -------------------------------------------------------
     student = TinyEDSR(num_feat=8, num_block=1)
+    if args.method == 'dukd':
+        return _dukd_loop(teacher, student, args, gen)
     mkd = build_metakd(teacher, student, teacher_layers=['body.1'], student_layers=['body.0'],
                        network_kr=dict(type='KRNet', width=8, num_kernels=4, hidden=16),
                        texture_opt=dict(type='TextureWiseLoss', loss_weight=1.0),
@@ -85,6 +93,19 @@ def main(argv: list[str] | None = None) -> dict:
     #                         'opt_kr': opt_kr.state_dict(),
     #                         'metakd': mkd.training_state_dict()}, path)   # KRNets, meta fallback state
     # -----------------------------------------------------------------------------------------
+    return {k: float(v) for k, v in logs.items()}
+
+
+def _dukd_loop(teacher, student, args, gen) -> dict:
+    dist = build_distiller(teacher, student, output_kd_opt=dict(type='OutputKDLoss', loss_weight=1.0),
+                           pixel_opt=dict(type='L1Loss', loss_weight=1.0),
+                           upcycle_opt=dict(zoom_in=1, zoom_out=True, aug_prob=0.3))  # steps: 1 (one step)
+    opt_s = torch.optim.Adam(student.parameters(), 2e-3)
+    logs = {}
+    for it in range(1, args.iters + 1):
+        lq, gt = synthetic_batch(gen=gen)
+        logs = dist.train_step(lq, gt, opt_s).logs                 # l_pix, l_kd_out, l_zoom_in, l_zoom_out_*
+        print(f'iter {it:3d}  ' + '  '.join(f'{k} {v.item():.4f}' for k, v in logs.items()))
     return {k: float(v) for k, v in logs.items()}
 
 
