@@ -29,6 +29,9 @@ def _options(root, model_type, name):
         opt = tiny_metakd_opt(root, meta=dict(every=2, objective='horizon', horizon_decay=0.9, horizon_stride=2,
                                               virtual_step='optimizer'), total_iter=TOTAL)
         opt['network_kr'].update(fitnet_branch=True, texture_init=0.2)
+    elif model_type == 'KDSRModel-dukd':  # random tiles and augmentations cross the resume
+        opt = tiny_opt(root, total_iter=TOTAL, output_kd_opt=dict(type='OutputKDLoss', loss_weight=1.0),
+                       upcycle_opt=dict(zoom_in=2, zoom_out=True, aug_prob=0.5, steps=2))
     else:
         opt = tiny_opt(root, total_iter=TOTAL, output_kd_opt=dict(type='OutputKDLoss', loss_weight=1.0),
                        kd_opt=dict(type='FitNetLoss', loss_weight=0.1))
@@ -39,11 +42,11 @@ def _options(root, model_type, name):
     return opt
 
 
-@pytest.mark.parametrize('model_type', ['MetaKDModel', 'MetaKDModel-horizon', 'KDSRModel'])
+@pytest.mark.parametrize('model_type', ['MetaKDModel', 'MetaKDModel-horizon', 'KDSRModel', 'KDSRModel-dukd'])
 def test_resumed_losses_continue_like_uninterrupted(tmp_path, monkeypatch, model_type):
     monkeypatch.chdir(tmp_path)
     record = {}
-    cls = KDSRModel if model_type == 'KDSRModel' else None
+    cls = KDSRModel if model_type.startswith('KDSRModel') else None
     if cls is None:
         from krdistill.models.metakd_model import MetaKDModel as cls
     orig = cls.optimize_parameters

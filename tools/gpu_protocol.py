@@ -99,9 +99,15 @@ def load_protocol(path: str | os.PathLike) -> dict:
         cfg = deep_update(base, {k: v for k, v in cfg.items() if k not in ('base', 'lengths')})
         if lengths is not None:
             cfg['lengths'] = lengths
+    cfg.pop('method_lengths', None)  # the CPU study's per-row lengths: the GPU runs every row at its one length
     for key in ('gpu', 'lengths', 'methods'):
         if key not in cfg:
             raise KeyError(f'{path}: missing key {key!r}')
+    skip = (cfg.get('gpu') or {}).get('skip_methods') or []
+    unknown = sorted(set(skip) - set(cfg['methods']))
+    if unknown:
+        raise KeyError(f'{path}: gpu.skip_methods: {unknown} are not methods of the config')
+    cfg['methods'] = {m: v for m, v in cfg['methods'].items() if m not in skip}
     return cfg
 
 
