@@ -57,6 +57,7 @@ import torch
 from torch import nn
 
 from .losses.kd_loss import PixelLoss
+from .resize import contributions
 
 __all__ = ['UpcycleOptions', 'Upcycled', 'Upcycler', 'check_upcycle_options', 'zoom_in_tiles', 'zoom_out',
            'bicubic_down', 'augment', 'unaugment', 'AUGMENTATIONS']
@@ -140,7 +141,6 @@ def zoom_in_tiles(gt: torch.Tensor, scale: int, n: int, generator: torch.Generat
 
 @functools.lru_cache(maxsize=32)
 def _down_matrix(length: int, scale: int) -> np.ndarray:
-    from .data_utils import contributions  # numpy only
     out = -(-length // scale)
     weights, indices = contributions(length, out, 1.0 / scale, 4.0, True)
     mat = np.zeros((out, length))

@@ -12,7 +12,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PKG = ROOT / 'krdistill'
 FRAMEWORK_FREE = ['features.py', 'distiller.py', 'meta.py', 'meta_options.py', 'meta_objectives.py', 'metakd.py',
-                  'build.py', 'io.py', 'archs/krnet_arch.py', 'losses/texture_loss.py', 'losses/kd_loss.py']
+                  'build.py', 'io.py', 'upcycle.py', 'resize.py', 'archs/krnet_arch.py', 'losses/texture_loss.py', 'losses/kd_loss.py']
 FORBIDDEN = ('basicsr', 'mmengine', 'mmcv', 'mmagic')
 
 
@@ -57,7 +57,7 @@ def test_runs_with_basicsr_blocked():
         import torch
         from torch import nn
         import krdistill.build, krdistill.io, krdistill.features, krdistill.distiller, krdistill.meta, krdistill.metakd
-        import krdistill.meta_options, krdistill.meta_objectives
+        import krdistill.meta_options, krdistill.meta_objectives, krdistill.upcycle, krdistill.resize
         import krdistill.archs.krnet_arch, krdistill.losses.texture_loss, krdistill.losses.kd_loss
         from krdistill.build import build_metakd, build_optimizer
 

@@ -128,3 +128,18 @@ def test_dukd_rows_cached_upcycling_equal_compute_and_method_lengths(tmp_path, d
     assert rows['dukd'][f'{s["tests"][0]}_gap'] is not None
     with pytest.raises(ValueError, match=r'method_lengths\.dukd\.5'):
         bl.run_lengths(dict(cfg, method_lengths={'dukd': {5: [0]}}), data_root, out, workers=0, plot=False)
+
+
+def test_lengths_subset_narrows_rows_and_method_lengths():
+    """``--lengths`` runs part of a study: each row's own lengths are cut to it, rows left empty drop out."""
+    assert bl.parse_lengths(['3000:0,1', '27000']) == {3000: [0, 1], 27000: None}
+    with pytest.raises(ValueError, match='ITERATIONS'):
+        bl.parse_lengths(['3000:a'])
+    cfg = dict(methods=dict(a={}, b={}, c={}), lengths={3000: [0, 1], 27000: [0, 1]},
+               method_lengths=dict(b={3000: [0, 1], 27000: [0]}, c={27000: [1]}))
+    lengths = bl.narrow_lengths(cfg, bl._lengths(cfg), {3000: [1], 27000: [0]})
+    assert lengths == {3000: [1], 27000: [0]}
+    assert bl._method_lengths(cfg, lengths) == dict(a={3000: [1], 27000: [0]}, b={3000: [1], 27000: [0]})
+    assert 'c' not in cfg['methods']  # its only run (27000, seed 1) is outside the subset
+    with pytest.raises(ValueError, match='--lengths'):
+        bl.narrow_lengths(dict(cfg), lengths, {9000: None})

@@ -37,7 +37,7 @@ from krdistill import evaluation as ev
 from .benchmark import (METHOD_LABELS, _exec, _ms, _pm, iteration_budget, job_spec, load_config, log, prepare,
                         reference_scores)
 
-__all__ = ['run_lengths', 'summarize_lengths', 'format_lengths', 'plot_lengths', 'main']
+__all__ = ['run_lengths', 'parse_lengths', 'narrow_lengths', 'summarize_lengths', 'format_lengths', 'plot_lengths', 'main']
 
 #: relative cost per iteration, for the longest-first order only (MetaKD: KRNets and meta steps)
 _COST = {'student_alone': 1.0, 'output_kd': 1.15}
@@ -86,18 +86,57 @@ def _lengths(cfg: dict) -> dict[int, list[int]]:
     return dict(sorted(out.items()))
 
 
+def parse_lengths(items: list[str]) -> dict[int, list[int]]:
+    """``['3000:0,1', '27000:0']`` -> ``{3000: [0, 1], 27000: [0]}`` (the ``--lengths`` syntax)."""
+    out = {}
+    for item in items:
+        n, sep, seeds = item.partition(':')
+        try:
+            out[int(n)] = [int(s) for s in seeds.split(',')] if sep else None
+        except ValueError:
+            raise ValueError(f'--lengths {item!r}: expected ITERATIONS or ITERATIONS:SEED,SEED,...') from None
+    return out
+
+
+def narrow_lengths(cfg: dict, lengths: dict[int, list[int]], only: dict[int, list[int] | None]
+                   ) -> dict[int, list[int]]:
+    """The study's lengths cut down to ``only`` (``None`` seeds: all of that length's); ``cfg``'s
+    ``method_lengths`` is narrowed in place, and rows left with no run are dropped."""
+    new = {}
+    for n, seeds in only.items():
+        if n not in lengths or (seeds is not None and not set(seeds) <= set(lengths[n])):
+            raise ValueError(f'--lengths {n}:{seeds}: not a length of the config with a subset of its seeds ({lengths})')
+        new[n] = lengths[n] if seeds is None else list(seeds)
+    narrowed = {}
+    for m, own in (cfg.get('method_lengths') or {}).items():
+        keep = {int(k): [s for s in v if s in new.get(int(k), [])] for k, v in (own or {}).items()}
+        narrowed[m] = {k: v for k, v in keep.items() if v}
+    for m in [m for m, own in narrowed.items() if not own]:
+        del cfg['methods'][m], narrowed[m]
+    cfg['method_lengths'] = narrowed
+    cfg['lengths'] = new
+    return dict(sorted(new.items()))
+
+
 def run_lengths(config: str | dict, data_root, out, teacher_ckpt: str | None = None, workers: int | None = None,
                 threads: int | None = None, methods: list[str] | None = None, device: str = 'cpu',
-                plot: bool = True) -> dict:
-    """Every (length, method, seed) job, then the summary; returns it (also ``out/lengths.json``)."""
+                plot: bool = True, only: dict[int, list[int]] | None = None) -> dict:
+    """Every (length, method, seed) job, then the summary; returns it (also ``out/lengths.json``).
+
+    ``only`` (``--lengths``) narrows the study to those lengths and seeds, each a subset of the
+    config's; every row's ``method_lengths`` is narrowed with it.
+    """
     t0 = time.time()
     cfg = copy.deepcopy(config) if isinstance(config, dict) else load_config(config)
     lengths = _lengths(cfg)
+    if only:
+        lengths = narrow_lengths(cfg, lengths, only)
     if methods:
         unknown = [m for m in methods if m not in cfg['methods']]
         if unknown:
             raise KeyError(f'--methods: {unknown} not in the config\'s methods {sorted(cfg["methods"])}')
         cfg['methods'] = {m: cfg['methods'][m] for m in methods}
+        cfg['method_lengths'] = {m: v for m, v in (cfg.get('method_lengths') or {}).items() if m in methods}
     bud = cfg.get('budget') or {}
     workers = bud.get('workers', 2) if workers is None else workers
     threads = bud.get('threads', 1) if threads is None else threads
@@ -317,9 +356,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--threads', type=int, default=None, help='torch threads per worker')
     p.add_argument('--methods', nargs='+', default=None, help='subset of the config methods')
     p.add_argument('--device', default='cpu', help="torch device of every job, e.g. 'cuda'")
+    p.add_argument('--lengths', nargs='+', default=None, metavar='ITERS[:SEEDS]',
+                   help="subset of the config's lengths and seeds, e.g. 3000:0,1 27000:0")
     return p
 
 
 def main(argv=None) -> dict:
     a = build_parser().parse_args(argv)
-    return run_lengths(a.config, a.data_root, a.out, a.teacher, a.workers, a.threads, a.methods, a.device)
+    only = parse_lengths(a.lengths) if a.lengths else None
+    return run_lengths(a.config, a.data_root, a.out, a.teacher, a.workers, a.threads, a.methods, a.device,
+                       only=only)
