@@ -218,18 +218,17 @@ def _calibrate(cfg: dict, ctx: dict, iters: int, device: str) -> dict:
     """Every (method, seed) job runs ``iters`` iterations, all at once (one process each), on the
     device: each method's seconds per iteration under the real run's contention. MetaKD is
     calibrated with meta-learning on from the start (its costlier half)."""
-    from krbench.benchmark import _exec, job_spec
+    from krbench.benchmark import execute, job_spec
     seeds = sorted({s for ss in cfg['lengths'].values() for s in ss})
     specs = []
     for m, mc in cfg['methods'].items():
         mc = copy.deepcopy(mc)
-        if 'metakd' in mc:
-            mc['metakd'].pop('start_fraction', None)
+        mc.pop('start_fraction', None)
         for s in seeds:
             sp = job_spec(cfg, ctx, f'calib_{m}_s{s}', m, mc, s, iters, cfg['gpu'].get('threads', 1))
             sp.update(val_every=10**9, log_every=10**9, tests={})
             specs.append(sp)
-    res = _exec(specs, len(specs))
+    res = execute(specs, len(specs))
     out: dict[str, float] = {}
     for sp, r in zip(specs, res):
         out[sp['method']] = max(out.get(sp['method'], 0.0), r['s_per_iter'])

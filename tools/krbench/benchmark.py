@@ -17,9 +17,10 @@ reused from the run folder):
 5. evaluate (Y-PSNR/SSIM, border = scale, reference LR) and write ``results.md``,
    ``results.json``, ``curves.png`` and ``visual.png``.
 
-Every method is the shipped algorithm: :func:`method_options` maps a protocol method block onto
-the option blocks of :func:`krdistill.build.build_distiller` / :func:`~krdistill.build.build_metakd`
-(the builders BasicSR's models use), and each iteration is their ``train_step`` with the
+Every method is the shipped algorithm: a method block is written in the option files' vocabulary
+(:mod:`krbench.methods`: ``output_kd_opt``, ``kd_opt``, ``network_kr``, ``meta``, ...), built by
+:func:`krdistill.build.build_distiller` / :func:`~krdistill.build.build_metakd` (the builders
+BasicSR's models use), and each iteration is their ``train_step`` with the
 teacher's cached ``(out_t, feats_t)`` passed as ``teacher=``. So the meta batch is MetaKD's own
 rule (the previous training batch whose step was taken) and a non-finite step is not taken (it
 is counted in ``result.json``). Config schema: ``options/bench/cpu_x4.yml``.
@@ -37,6 +38,7 @@ import time
 import warnings
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from contextlib import contextmanager
+from types import SimpleNamespace
 from pathlib import Path
 
 import numpy as np
@@ -53,9 +55,12 @@ from krdistill.upcycle import Upcycled, zoom_out
 from krdistill.kr_picture import texture_weights
 
 from .memprobe import reset_peak_rss, status_kib
+from .methods import (PIXEL_OPT, ablation_block, canonical, check_method, config_from_legacy, is_metakd, meta_every,
+                      method_options)
 
 __all__ = ['load_config', 'build_net', 'method_options', 'build_method', 'run_job', 'run', 'main', 'RowFile',
-           'batch_order', 'to_float', 'make_plan', 'METHOD_LABELS', 'PIXEL_OPT']
+           'batch_order', 'to_float', 'make_plan', 'METHOD_LABELS', 'PIXEL_OPT', 'execute', 'mean_std', 'plus_minus',
+           'job_spec', 'prepare', 'reference_scores', 'iteration_budget', 'reusable']
 
 METHOD_LABELS = {
     'bicubic': 'bicubic', 'teacher': 'teacher', 'student_alone': 'student alone', 'output_kd': 'output KD',
@@ -84,7 +89,10 @@ def load_config(path) -> dict:
         if key not in cfg:
             raise KeyError(f'{path}: missing top-level key {key!r}')
     for name, mcfg in cfg['methods'].items():
-        method_options(mcfg, f'{path}: methods.{name}')  # the schema, checked before any work
+        check_method(mcfg, f'{path}: methods.{name}')  # the schema, checked before any work
+    for v, vc in ((cfg.get('ablations') or {}).get('variants') or {}).items():
+        check_method(ablation_block(cfg['methods'], vc, f'{path}: ablations.variants.{v}'),
+                     f'{path}: ablations.variants.{v}')
     return cfg
 
 
@@ -101,7 +109,7 @@ def _train_images(cfg: dict, data_root: Path, part: str = 'train') -> list[Path]
     """The training images (``part='train'``) or the held-out quiz split (``'quiz'``).
 
     ``data.quiz: {fraction, seed}`` holds a seeded random fraction of the training images out of
-    the patch pool of every row; only MetaKD's meta batches (``metakd.meta_data: quiz``) see them.
+    the patch pool of every row; only MetaKD's meta batches (``methods.<name>.meta_data: quiz``) see them.
     """
     exclude = {str(Path(e)) for e in cfg['data'].get('exclude', [])}
     paths = []
@@ -112,7 +120,7 @@ def _train_images(cfg: dict, data_root: Path, part: str = 'train') -> list[Path]
     quiz = cfg['data'].get('quiz')
     if not quiz:
         if part == 'quiz':
-            raise ValueError('data.quiz: not set (needed by metakd.meta_data: quiz): give {fraction, seed}')
+            raise ValueError('data.quiz: not set (needed by meta_data: quiz): give {fraction, seed}')
         return paths
     frac = float(quiz['fraction'])
     if not 0 < frac < 1:
@@ -382,8 +390,8 @@ def step_flops(cfg: dict, method: str, mcfg: dict, batch: int = 2) -> float:
     teacher online, no cache): teacher forwards plus the student's forward and backward, counted by
     ``torch.utils.flop_counter`` on a ``batch`` of pool-sized patches. What ``equal_compute`` compares."""
     from torch.utils.flop_counter import FlopCounterMode
-    if 'metakd' in (mcfg or {}):
-        raise ValueError(f'methods.{method}.equal_compute: only for the hand-crafted rows (not metakd)')
+    if is_metakd(mcfg):
+        raise ValueError(f'methods.{method}.equal_compute: only for the hand-crafted rows (not MetaKD)')
     torch.manual_seed(0)
     teacher, student = build_net(cfg['teacher']['network']), build_net(cfg['student']['network'])
     spec = dict(method=method, method_cfg={k: v for k, v in (mcfg or {}).items() if k != 'equal_compute'},
@@ -427,66 +435,6 @@ def _psnr_y_only(net, pairs, scale, device='cpu') -> float:
     return float(np.mean(vals))
 
 
-#: the student's reconstruction loss in every method (and MetaKD's meta objective)
-PIXEL_OPT = {'type': 'L1Loss', 'loss_weight': 1.0}
-_METHOD_KEYS = ('output_kd', 'pair', 'metakd', 'regressor_optim', 'upcycle', 'equal_compute')
-#: ``meta_data: quiz`` (meta batches from the held-out quiz pool) and ``start_fraction`` (``meta.start`` as a
-#: fraction of the run's iterations) are the protocol's; the rest are MetaKD's option blocks
-_METAKD_KEYS = ('krnet', 'texture_weight', 'texture', 'optim_kr', 'meta', 'meta_data', 'start_fraction')
-
-
-def method_options(mcfg: dict, key: str = 'methods.<name>') -> dict:
-    """The :mod:`krdistill.build` option blocks of a protocol method block.
-
-    ``{}`` -> the student alone (``pixel_opt`` only); ``output_kd: w`` -> ``output_kd_opt``
-    (``OutputKDLoss``, weight ``w``); ``pair: {type, ...}`` -> ``kd_opt`` (one loss per point);
-    ``metakd: {krnet, texture_weight, texture, optim_kr, meta}`` -> ``network_kr`` (``KRNet``),
-    ``texture_opt`` (``TextureWiseLoss``), ``optim_kr`` (Adam) and ``meta``. Errors name ``key``.
-    """
-    mcfg = mcfg or {}
-    unknown = sorted(set(mcfg) - set(_METHOD_KEYS))
-    if unknown:
-        raise KeyError(f'{key}: unknown key(s) {unknown}; allowed: {list(_METHOD_KEYS)}')
-    if 'pair' in mcfg and 'metakd' in mcfg:
-        raise ValueError(f'{key}: pair (a hand-crafted feature loss) and metakd cannot be combined')
-    if 'regressor_optim' in mcfg:
-        ro = mcfg['regressor_optim'] or {}
-        if 'pair' not in mcfg or sorted(set(ro) - {'lr', 'betas'}):
-            raise ValueError(f'{key}.regressor_optim: {{lr, betas}} of the regressors of a pair loss (Adam, its own '
-                             f'param group, cosine like the student); needs {key}.pair, got {ro!r}')
-    if 'upcycle' in mcfg and int((mcfg['upcycle'] or {}).get('zoom_in', 1)) > 1:
-        raise ValueError(f'{key}.upcycle.zoom_in: the protocol caches one zoom-in tile per pool patch; use 1 or 0')
-    out = {'pixel_opt': dict(PIXEL_OPT)}
-    if 'upcycle' in mcfg:
-        out['upcycle_opt'] = dict(mcfg['upcycle'] or {})
-    if mcfg.get('output_kd'):
-        out['output_kd_opt'] = {'type': 'OutputKDLoss', 'loss_weight': float(mcfg['output_kd'])}
-    if 'pair' in mcfg:
-        out['kd_opt'] = dict(mcfg['pair'])
-    if 'metakd' in mcfg:
-        mk = mcfg['metakd'] or {}
-        unknown = sorted(set(mk) - set(_METAKD_KEYS))
-        if unknown:
-            raise KeyError(f'{key}.metakd: unknown key(s) {unknown}; allowed: {list(_METAKD_KEYS)}')
-        if mk.get('meta_data') not in (None, 'quiz'):
-            raise ValueError(f'{key}.metakd.meta_data: quiz (the held-out split of data.quiz) or null (the previous '
-                             f'training batch), got {mk["meta_data"]!r}')
-        if 'start_fraction' in mk and not (isinstance(mk['start_fraction'], (int, float))
-                                           and 0 <= mk['start_fraction'] < 1):
-            raise ValueError(f'{key}.metakd.start_fraction: a number in [0, 1) (meta.start = fraction x the run\'s '
-                             f'iterations), got {mk["start_fraction"]!r}')
-        if 'start_fraction' in mk and 'start' in (mk.get('meta') or {}):
-            raise ValueError(f'{key}.metakd: give start_fraction or meta.start, not both')
-        oc = mk.get('optim_kr') or {}
-        out.update(network_kr={'type': 'KRNet', **(mk.get('krnet') or {})},
-                   texture_opt={'type': 'TextureWiseLoss', 'loss_weight': float(mk.get('texture_weight', 1.0)),
-                                **(mk.get('texture') or {})},  # criterion, eps
-                   meta=dict(mk.get('meta') or {}),
-                   optim_kr={'type': 'Adam', 'lr': float(oc.get('lr', 1e-4)),
-                             'betas': list(oc.get('betas', (0.9, 0.999)))})
-    return out
-
-
 def build_method(spec: dict, teacher: nn.Module, student: nn.Module):
     """The method of ``spec`` built by the shipped builders: ``(algorithm, optimizer_kr)``.
 
@@ -494,18 +442,18 @@ def build_method(spec: dict, teacher: nn.Module, student: nn.Module):
     pixel loss only; the hand-crafted methods) or a :class:`~krdistill.metakd.MetaKD`;
     ``optimizer_kr`` is the KRNets' optimizer (None for the other methods).
     """
-    opts = method_options(spec['method_cfg'], f'methods.{spec["method"]}')
+    mcfg = spec['method_cfg'] or {}
+    opts = method_options(mcfg, f'methods.{spec["method"]}')
     tl, sl = spec['teacher_layers'], spec['student_layers']
     shapes = spec.get('shapes')
     if 'network_kr' in opts:
         optim_kr = opts.pop('optim_kr')
-        mk = spec['method_cfg']['metakd'] or {}
-        if mk.get('start_fraction'):
-            opts['meta']['start'] = int(round(spec['iters'] * float(mk['start_fraction'])))
+        if mcfg.get('start_fraction'):
+            opts.setdefault('meta', {})['start'] = int(round(spec['iters'] * float(mcfg['start_fraction'])))
         mkd = build_metakd(teacher, student, tl, sl, shapes=shapes, keys=_keys(spec['method']), **opts)
-        if mk.get('meta_data') == 'quiz':
+        if mcfg.get('meta_data') == 'quiz':
             if not spec.get('quiz_pool'):
-                raise ValueError(f'methods.{spec["method"]}.metakd.meta_data: quiz needs data.quiz in the config')
+                raise ValueError(f'methods.{spec["method"]}.meta_data: quiz needs data.quiz in the config')
             mkd.set_meta_data(QuizBatches(spec['quiz_pool'], spec['batch'], spec['seed'], spec.get('device') or 'cpu'))
         return mkd, optim_kr
     needs_teacher = 'kd_opt' in opts or 'output_kd_opt' in opts or 'upcycle_opt' in opts
@@ -532,9 +480,9 @@ class QuizBatches:
 def _keys(method: str) -> dict:
     """Option names in the builders' error messages: the protocol file's keys."""
     m = f'methods.{method}'
-    return dict(teacher_layers='kd.teacher_layers', student_layers='kd.student_layers', kd_opt=f'{m}.pair',
-                output_kd_opt=f'{m}.output_kd', pixel_opt='pixel_opt', network_kr=f'{m}.metakd.krnet',
-                texture_opt=f'{m}.metakd.texture', meta=f'{m}.metakd.meta', upcycle_opt=f'{m}.upcycle')
+    return dict(teacher_layers='kd.teacher_layers', student_layers='kd.student_layers', pixel_opt='pixel_opt',
+                **{k: f'{m}.{k}' for k in ('kd_opt', 'output_kd_opt', 'network_kr', 'texture_opt', 'meta',
+                                           'upcycle_opt')})
 
 
 def _meta_step_timer(sync, acc: list):
@@ -605,29 +553,72 @@ def run_job(spec: dict) -> dict:
     Runs in a worker process (or in-process when ``workers == 0``). The method is built by
     :func:`build_method` and every iteration is its ``train_step`` on the cached teacher outputs.
     ``spec['measure']``: only time a few iterations (the student step and the meta step apart)
-    and return the timings.
+    and return the timings. Steps: :func:`reusable` (a finished run), :class:`CachedBatches` (the
+    cached rows), :func:`build_job` (networks, method, optimizers), :func:`train_loop`, then
+    :func:`measured` or :func:`finish_job` (evaluation, ``result.json``).
     """
     torch.set_num_threads(spec['threads'])
-    run_dir = Path(spec['run_dir'])
     measure = spec.get('measure')
-    if not measure and _reusable(spec):
-        with open(run_dir / 'result.json') as f:
+    if not measure and reusable(spec):
+        with open(Path(spec['run_dir']) / 'result.json') as f:
             return json.load(f)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    iters, batch, seed = spec['iters'], spec['batch'], spec['seed']
-    pool, tcache = Path(spec['pool']), Path(spec['teacher_cache'])
+    Path(spec['run_dir']).mkdir(parents=True, exist_ok=True)
     device = torch.device(spec.get('device') or 'cpu')
-    rows = (lambda p: DeviceRows(p, device)) if spec.get('preload') else RowFile
-    hr_f, lr_f = rows(pool / 'pool_hr.bin'), rows(pool / 'pool_lr.bin')
-    opts = method_options(spec['method_cfg'], f'methods.{spec["method"]}')
-    uses_feats = 'kd_opt' in opts or 'network_kr' in opts
-    out_f = rows(tcache / 'out_t.bin') if 'output_kd_opt' in opts else None
-    feat_f = [rows(tcache / f'feat_{n}.bin') for n in spec['teacher_layers']] if uses_feats else []
-    if 'upcycle_opt' in opts:  # DUKD's upcycled data: cached teacher outputs (precompute_upcycle)
-        ucache = Path(spec['upcycle_cache'])
-        zin_tile = np.fromfile(ucache / 'zin_tile.bin', np.int64)
-        zin_f, zout_f = rows(ucache / 'zin_t.bin'), rows(ucache / 'zout_t.bin')
+    batches = CachedBatches(spec, device)
+    job = build_job(spec, device)
+    val_pairs = [] if measure else ev.load_pairs(spec['val']['hr'], spec['scale'], spec['val'].get('lr'))
+    kr_pic = _kr_picture_input(spec, job.algo, val_pairs, device) if job.is_meta and not measure else None
+    rec = train_loop(spec, job, batches, val_pairs, kr_pic)
+    if measure:
+        return measured(spec, rec, job)
+    return finish_job(spec, job, rec, kr_pic)
 
+
+class CachedBatches:
+    """The batches of one job, read from the cached rows: ``(lq, gt)`` of the patch pool, the
+    teacher's cached ``(out_t, feats_t)`` (only what the method uses) and DUKD's upcycled data
+    (:func:`precompute_upcycle`), in the per-seed :func:`batch_order`; ``train.preload`` reads
+    every file into device memory once."""
+
+    def __init__(self, spec: dict, device):
+        pool, tcache = Path(spec['pool']), Path(spec['teacher_cache'])
+        rows = (lambda p: DeviceRows(p, device)) if spec.get('preload') else RowFile
+        self.hr, self.lr = rows(pool / 'pool_hr.bin'), rows(pool / 'pool_lr.bin')
+        opts = method_options(spec['method_cfg'], f'methods.{spec["method"]}')
+        uses_feats = 'kd_opt' in opts or 'network_kr' in opts
+        self.out_t = rows(tcache / 'out_t.bin') if 'output_kd_opt' in opts else None
+        self.feats = [rows(tcache / f'feat_{n}.bin') for n in spec['teacher_layers']] if uses_feats else []
+        if 'upcycle_opt' in opts:
+            ucache = Path(spec['upcycle_cache'])
+            self.zin_tile = np.fromfile(ucache / 'zin_tile.bin', np.int64)
+            self.zin_t, self.zout_t = rows(ucache / 'zin_t.bin'), rows(ucache / 'zout_t.bin')
+        self.order = batch_order(len(self.hr), spec['iters'], spec['batch'], spec['seed'])
+        self.scale, self.device = spec['scale'], device
+
+    def get(self, it: int, upcycle=None):
+        """Iteration ``it``'s ``(lq, gt, (out_t, feats_t), upcycled)`` (``upcycle``: the method's
+        :class:`~krdistill.upcycle.Upcycle`, or None)."""
+        idx, dev = self.order[it - 1], self.device
+        lq, gt = self.lr.rows(idx, dev).float().div_(255.), self.hr.rows(idx, dev).float().div_(255.)
+        out_t = self.out_t.rows(idx, dev).float() if self.out_t is not None else None
+        feats_t = [f.rows(idx, dev).float() for f in self.feats]
+        return lq, gt, (out_t, feats_t), (self.upcycled(upcycle, lq, gt, idx) if upcycle is not None else None)
+
+    def upcycled(self, up, lq, gt, idx) -> Upcycled:
+        o, dev = up.options, self.device
+        zin = upcycle_tiles(gt, self.zin_tile[idx], self.scale) if o.zoom_in else None
+        zout = zoom_out(lq, self.scale) if o.zoom_out else None
+        return Upcycled(zin=zin, zin_t=self.zin_t.rows(idx, dev).float() if o.zoom_in else None,
+                        zout=zout, zout_t=self.zout_t.rows(idx, dev).float() if o.zoom_out else None, lq=lq,
+                        zin_ops=up.augmentations(len(idx)) if o.zoom_in else None,
+                        zout_ops=up.augmentations(len(idx)) if o.zoom_out else None)
+
+
+def build_job(spec: dict, device) -> SimpleNamespace:
+    """The student (``seed``'s init, the same for every method), the hook-only teacher, the method
+    (:func:`build_method`; its KRNets / regressors from ``seed + 7919``), the optimizers and their
+    cosine schedules, and MetaKD's meta-step timer."""
+    iters, seed = spec['iters'], spec['seed']
     sync = torch.cuda.synchronize if device.type == 'cuda' else (lambda: None)
     torch.manual_seed(seed)
     student = build_net(spec['student_network'])  # same init for every method of a seed (made on the CPU)
@@ -638,129 +629,140 @@ def run_job(spec: dict) -> dict:
     algo.to(device)
     is_meta = optim_kr is not None
     kd_params = algo.kd_parameters()  # FitNet regressors: stepped with the student (MetaKD: none)
-    # regressor_optim: the regressors in their own group (lr, betas), e.g. as fast as MetaKD's optim_kr
+    # optim_kd: the regressors in their own group (lr, betas), e.g. as fast as MetaKD's optim_kr
     reg_group = {k: (float(v) if k == 'lr' else tuple(v))
-                 for k, v in (spec['method_cfg'].get('regressor_optim') or {}).items()}
+                 for k, v in ((spec['method_cfg'] or {}).get('optim_kd') or {}).items()}
     opt = build_optimizer({'type': 'Adam', 'lr': float(spec['lr']), 'betas': list(spec['betas'])},
                           [dict(params=list(student.parameters()))] +
                           ([dict(params=kd_params, **reg_group)] if kd_params else []), key='train')
-    sched = _lr_schedule(opt, iters)
-    opt_kr = build_optimizer(optim_kr, algo.kr_parameters(), key=f'methods.{spec["method"]}.metakd.optim_kr') \
+    opt_kr = build_optimizer(optim_kr, algo.kr_parameters(), key=f'methods.{spec["method"]}.optim_kr') \
         if is_meta else None
-    sched_kr = _lr_schedule(opt_kr, iters) if opt_kr is not None else None
-    every = algo.meta.every if is_meta else 1
     meta_times: list[float] = []
     if is_meta:  # the meta step's time, synchronised (the algorithm's phase hook)
         algo.set_phase_hook(_meta_step_timer(sync, meta_times))
-    meta_iters = 0  # iterations with a meta step (one-step, horizon or both)
-    order = batch_order(len(hr_f), iters, batch, seed)
+    return SimpleNamespace(student=student, teacher=teacher, algo=algo, is_meta=is_meta, opt=opt,
+                           sched=_lr_schedule(opt, iters), opt_kr=opt_kr,
+                           sched_kr=_lr_schedule(opt_kr, iters) if opt_kr is not None else None,
+                           every=algo.meta.every if is_meta else 1, meta_times=meta_times, sync=sync, device=device)
 
-    def get(it):
-        idx = order[it - 1]
-        lq, gt = lr_f.rows(idx, device).float().div_(255.), hr_f.rows(idx, device).float().div_(255.)
-        out_t = out_f.rows(idx, device).float() if out_f is not None else None
-        feats_t = [f.rows(idx, device).float() for f in feat_f]
-        return lq, gt, (out_t, feats_t), (_upcycled(algo.upcycle, lq, gt, idx) if algo.upcycle is not None else None)
 
-    def _upcycled(up, lq, gt, idx):
-        o = up.options
-        zin = upcycle_tiles(gt, zin_tile[idx], spec['scale']) if o.zoom_in else None
-        zout = zoom_out(lq, spec['scale']) if o.zoom_out else None
-        return Upcycled(zin=zin, zin_t=zin_f.rows(idx, device).float() if o.zoom_in else None,
-                        zout=zout, zout_t=zout_f.rows(idx, device).float() if o.zoom_out else None, lq=lq,
-                        zin_ops=up.augmentations(len(idx)) if o.zoom_in else None,
-                        zout_ops=up.augmentations(len(idx)) if o.zoom_out else None)
+class JobRecord:
+    """What a job's training loop records: times, skipped steps, the logged rows and curves."""
 
-    val_pairs = [] if measure else ev.load_pairs(spec['val']['hr'], spec['scale'], spec['val'].get('lr'))
-    kr_pic = _kr_picture_input(spec, algo, val_pairs, device) if is_meta and not measure else None
-    curve, stats, meta_log, skipped = [], [], [], []
-    credit_acc: dict[str, list[float]] = {}
-    t_train = 0.0
-    n_meta = 0
+    def __init__(self):
+        self.curve, self.stats, self.meta_log, self.skipped, self.step_times = [], [], [], [], []
+        self.credit_acc: dict[str, list[float]] = {}
+        self.t_train, self.n_meta, self.meta_iters, self.total = 0.0, 0, 0, 0
+        self.peak_kib = self.rss0_kib = 0
+
+    def meta_logs(self, it: int, logs: dict, algo) -> None:
+        """Horizon credits every meta step, averaged over the logged window; every 10th meta step logged."""
+        credits = {k: float(v) for k, v in logs.items() if k.endswith('_credit')}
+        for k, v in credits.items():
+            self.credit_acc.setdefault(k, []).append(v)
+        if 'l_meta' not in logs and not credits:
+            return
+        self.n_meta += 1
+        if self.n_meta % 10 != 1:
+            return
+        row = dict(it=it, l_meta=float(logs['l_meta']) if 'l_meta' in logs else None,
+                   grad_norm=float(logs['meta_grad_norm']) if 'meta_grad_norm' in logs else None)
+        row.update({k: float(np.mean(v)) for k, v in self.credit_acc.items()})
+        row.update({f'{k}_n': len(v) for k, v in self.credit_acc.items()})
+        row.update({name: float(p.detach()) for name, p in algo.branch_weights()} if hasattr(algo, 'branch_weights')
+                   else {})
+        self.meta_log.append(row)
+        self.credit_acc.clear()
+
+
+def train_loop(spec: dict, job: SimpleNamespace, batches: CachedBatches, val_pairs: list, kr_pic: dict | None
+               ) -> JobRecord:
+    """Every iteration: the method's ``train_step`` on the cached batch, the schedulers, the timings
+    (the meta step apart), the logs, the validation curve."""
+    measure, iters, algo = spec.get('measure'), spec['iters'], job.algo
+    rec = JobRecord()
     reset_peak_rss()
-    rss0 = (status_kib('VmRSS') or 0)
-    total = measure['iters'] if measure else iters
+    rec.rss0_kib = (status_kib('VmRSS') or 0)
+    rec.total = total = measure['iters'] if measure else iters
     t_start = time.time()
-    step_times = []
     for it in range(1, total + 1):
         t0 = time.perf_counter()
-        lq, gt, teacher_out, upcycled = get(it)
-        n_timed = len(meta_times)
+        lq, gt, teacher_out, upcycled = batches.get(it, algo.upcycle)
+        n_timed = len(job.meta_times)
         ts = time.perf_counter()
-        if is_meta:
-            sched_it = _measure_it(it, total, measure['meta'], every) if measure else it
-            step = algo.train_step(lq, gt, opt, opt_kr, teacher=teacher_out, it=sched_it, upcycled=upcycled)
+        if job.is_meta:
+            sched_it = _measure_it(it, total, measure['meta'], job.every) if measure else it
+            step = algo.train_step(lq, gt, job.opt, job.opt_kr, teacher=teacher_out, it=sched_it, upcycled=upcycled)
         else:
-            step = algo.train_step(lq, gt, opt, teacher=teacher_out, it=it, upcycled=upcycled)
+            step = algo.train_step(lq, gt, job.opt, teacher=teacher_out, it=it, upcycled=upcycled)
         with warnings.catch_warnings():  # no step taken (non-meta iteration, skipped step): the schedules advance
             warnings.simplefilter('ignore', UserWarning)
-            sched.step()
-            if sched_kr is not None:
-                sched_kr.step()
-        sync()
+            job.sched.step()
+            if job.sched_kr is not None:
+                job.sched_kr.step()
+        job.sync()
         t_end = time.perf_counter()
-        step_times.append(t_end - ts - sum(meta_times[n_timed:]))  # the student step and the schedulers
-        t_train += t_end - t0
+        rec.step_times.append(t_end - ts - sum(job.meta_times[n_timed:]))  # the student step and the schedulers
+        rec.t_train += t_end - t0
         logs = step.logs
-        if len(meta_times) > n_timed:
-            meta_iters += 1
-        credits = {k: float(v) for k, v in logs.items() if k.endswith('_credit')}
-        for k, v in credits.items():  # horizon credits: every meta step, averaged over the logged window
-            credit_acc.setdefault(k, []).append(v)
-        if 'l_meta' in logs or credits:
-            n_meta += 1
-            if n_meta % 10 == 1:
-                row = dict(it=it, l_meta=float(logs['l_meta']) if 'l_meta' in logs else None,
-                           grad_norm=float(logs['meta_grad_norm']) if 'meta_grad_norm' in logs else None)
-                row.update({k: float(np.mean(v)) for k, v in credit_acc.items()})
-                row.update({f'{k}_n': len(v) for k, v in credit_acc.items()})
-                row.update({name: float(p.detach()) for name, p in algo.branch_weights()}
-                           if hasattr(algo, 'branch_weights') else {})
-                meta_log.append(row)
-                credit_acc.clear()
+        if len(job.meta_times) > n_timed:
+            rec.meta_iters += 1
+        rec.meta_logs(it, logs, algo)
         if step.skipped is not None:
-            skipped.append(dict(it=it, why=step.skipped))
-            if len(skipped) <= 5:
+            rec.skipped.append(dict(it=it, why=step.skipped))
+            if len(rec.skipped) <= 5:
                 log(f'  [{spec["name"]}] it {it}: step not taken: {step.skipped}')
         if measure:
             continue
         if it % spec['log_every'] == 0 or it == iters:
             row = dict(it=it, **{k: float(v) for k, v in logs.items() if k != 't_meta'})
-            if is_meta:
+            if job.is_meta:
                 row.update(_kr_stats(algo, lq, teacher_out[1]))
                 if kr_pic is not None:
                     for name, w in texture_weights(algo, kr_pic['lq'], kr_pic['feats_t']).items():
                         kr_pic['history'][name].append(w)
-            stats.append(row)
+            rec.stats.append(row)
         if it % spec['val_every'] == 0 or it == iters:
-            curve.append(dict(it=it, psnr=_psnr_y_only(student, val_pairs, spec['scale'], device)))
+            rec.curve.append(dict(it=it, psnr=_psnr_y_only(job.student, val_pairs, spec['scale'], job.device)))
             el = time.time() - t_start
-            log(f'  [{spec["name"]}] it {it}/{iters} loss {float(logs["l_total"]):.4f} val {curve[-1]["psnr"]:.3f} '
-                f'dB {t_train / it:.3f} s/it, job ETA {el / it * (iters - it) / 60:.1f} min')
-    peak = (status_kib('VmHWM') or 0)
-    t_meta = sum(meta_times)
-    if measure:
-        w = measure.get('warmup', 1)
-        plain = float(np.median(step_times[w:])) if len(step_times) > w else float(np.mean(step_times))
-        return dict(name=spec['name'], t_step=plain + (t_train - sum(step_times) - t_meta) / total,
-                    t_meta=(t_meta / meta_iters) if meta_times else 0.0, peak_mib=peak / 1024,
-                    skipped_steps=len(skipped))
+            log(f'  [{spec["name"]}] it {it}/{iters} loss {float(logs["l_total"]):.4f} val {rec.curve[-1]["psnr"]:.3f} '
+                f'dB {rec.t_train / it:.3f} s/it, job ETA {el / it * (iters - it) / 60:.1f} min')
+    rec.peak_kib = (status_kib('VmHWM') or 0)
+    return rec
+
+
+def measured(spec: dict, rec: JobRecord, job: SimpleNamespace) -> dict:
+    """A measuring job's timings: the median student step (after ``warmup``) plus the per-iteration
+    rest, and the mean meta step."""
+    w = spec['measure'].get('warmup', 1)
+    t_meta = sum(job.meta_times)
+    plain = float(np.median(rec.step_times[w:])) if len(rec.step_times) > w else float(np.mean(rec.step_times))
+    return dict(name=spec['name'], t_step=plain + (rec.t_train - sum(rec.step_times) - t_meta) / rec.total,
+                t_meta=(t_meta / rec.meta_iters) if job.meta_times else 0.0, peak_mib=rec.peak_kib / 1024,
+                skipped_steps=len(rec.skipped))
+
+
+def finish_job(spec: dict, job: SimpleNamespace, rec: JobRecord, kr_pic: dict | None) -> dict:
+    """Save the student (and KRNets, and their picture), evaluate it on the test sets and write
+    ``result.json`` (atomically: a run is finished once that file is there)."""
+    run_dir, iters, student, device = Path(spec['run_dir']), spec['iters'], job.student, job.device
     torch.save({'params': {k: v.cpu() for k, v in student.state_dict().items()}}, run_dir / 'student.pth')
-    if is_meta:
-        torch.save({'params': {k: v.cpu() for k, v in algo.krnets.state_dict().items()}}, run_dir / 'krnets.pth')
+    if job.is_meta:
+        torch.save({'params': {k: v.cpu() for k, v in job.algo.krnets.state_dict().items()}}, run_dir / 'krnets.pth')
     if kr_pic is not None:  # what the KRNets transfer, on the first validation image (tools/kr_picture.py's picture)
         from krdistill.io import write_image
         from krdistill.kr_picture import draw_points
-        ev.load_network(teacher, spec['teacher_ckpt'])  # the real teacher (training used its cached outputs)
-        write_image(run_dir / 'kr.png', draw_points(algo, kr_pic['lq'], kr_pic['history']))
-    res = dict(name=spec['name'], method=spec['method'], seed=seed, iters=iters,
+        ev.load_network(job.teacher, spec['teacher_ckpt'])  # the real teacher (training used its cached outputs)
+        write_image(run_dir / 'kr.png', draw_points(job.algo, kr_pic['lq'], kr_pic['history']))
+    t_meta = sum(job.meta_times)
+    res = dict(name=spec['name'], method=spec['method'], seed=spec['seed'], iters=iters,
                nominal_iters=spec.get('nominal_iters') or iters, network=spec['student_network'],
-               params=sum(p.numel() for p in student.parameters()), s_per_iter=t_train / iters,
-               meta_steps=n_meta, meta_iters=meta_iters,
-               s_per_meta_step=(t_meta / meta_iters) if meta_times else None,
-               skipped_steps=len(skipped), skipped=skipped[:20],
-               peak_rss_mib=peak / 1024, rss_start_mib=rss0 / 1024, curve=curve, stats=stats, meta_log=meta_log,
-               device=str(device), tests={}, method_cfg=_as_json(spec['method_cfg']))
+               params=sum(p.numel() for p in student.parameters()), s_per_iter=rec.t_train / iters,
+               meta_steps=rec.n_meta, meta_iters=rec.meta_iters,
+               s_per_meta_step=(t_meta / rec.meta_iters) if job.meta_times else None,
+               skipped_steps=len(rec.skipped), skipped=rec.skipped[:20],
+               peak_rss_mib=rec.peak_kib / 1024, rss_start_mib=rec.rss0_kib / 1024, curve=rec.curve, stats=rec.stats,
+               meta_log=rec.meta_log, device=str(device), tests={}, method_cfg=_as_json(spec['method_cfg']))
     if device.type == 'cuda':
         res['peak_cuda_mib'] = torch.cuda.max_memory_allocated(device) / 2**20
     for name, ts_ in spec['tests'].items():
@@ -778,20 +780,21 @@ def _as_json(obj):
     return json.loads(json.dumps(obj))
 
 
-def _reusable(spec: dict, log_fn=None) -> bool:
-    """A finished run of this name whose recorded method block is this one (runs written before
-    the block was recorded are reused as they are). A run of a changed block is retrained."""
+def reusable(spec: dict, log_fn=None) -> bool:
+    """A finished run of this name whose recorded method block trains what this one does (runs
+    written before the block was recorded are reused as they are; a block recorded in the first
+    vocabulary is compared through :func:`~krbench.methods.from_legacy`). A run of a changed
+    block is retrained."""
     path = Path(spec['run_dir']) / 'result.json'
     if not path.exists():
         return False
     with open(path) as f:
         old = json.load(f).get('method_cfg')
-    if old is None or old == _as_json(spec['method_cfg']):
+    if old is None or _as_json(canonical(old)) == _as_json(canonical(spec['method_cfg'])):
         return True
     if log_fn is not None:
         log_fn(f'{spec["name"]}: the method block changed since this run was trained: retraining it')
     return False
-
 
 # ============================================================================================ plan
 def _cost(meas: dict, iters: int, every: int | None) -> float:
@@ -807,14 +810,6 @@ def _lpt(costs: list[float], workers: int) -> float:
     for c in sorted(costs, reverse=True):
         loads[loads.index(min(loads))] += c
     return max(loads)
-
-
-def _every(mcfg: dict) -> int | None:
-    mk = mcfg.get('metakd')
-    if not mk:
-        return None
-    meta = mk.get('meta', {})
-    return meta.get('every', 1) if meta.get('update', 'meta') == 'meta' else None
 
 
 def make_plan(cfg: dict, meas: dict, overhead_s: float) -> dict:
@@ -833,12 +828,12 @@ def make_plan(cfg: dict, meas: dict, overhead_s: float) -> dict:
         for m, mc in methods.items():
             for s in seeds:
                 n_val = iters // tr['val_every'] + 1
-                jobs.append((m, s, iters, _cost(meas[m], iters, _every(mc)) + n_val * val_s + job_s))
+                jobs.append((m, s, iters, _cost(meas[m], iters, meta_every(mc)) + n_val * val_s + job_s))
         ai = max(tr['val_every'], int(round(iters * abl_frac / 100)) * 100) if abl else 0
         for v, vc in (abl.get('variants') or {}).items():
             mc = _ablation_cfg(cfg, vc)
             jobs.append((f'abl_{v}', abl.get('seed', 0), ai,
-                         _cost(meas[f'abl_{v}'], ai, _every(mc)) + (ai // tr['val_every'] + 1) * val_s + job_s))
+                         _cost(meas[f'abl_{v}'], ai, meta_every(mc)) + (ai // tr['val_every'] + 1) * val_s + job_s))
         return jobs, ai
 
     iters = tr['iters']
@@ -855,14 +850,8 @@ def make_plan(cfg: dict, meas: dict, overhead_s: float) -> dict:
                 jobs=[dict(name=j[0], seed=j[1], iters=j[2], predicted_s=j[3]) for j in jobs])
 
 
-def _ablation_cfg(cfg: dict, vc: dict) -> dict:
-    base = copy.deepcopy(cfg['methods'][vc.get('method', 'metakd_exact')])
-    for sect in ('krnet', 'meta', 'texture', 'optim_kr'):
-        if sect in vc:
-            base['metakd'].setdefault(sect, {}).update(vc[sect])
-    if 'texture_weight' in vc:
-        base['metakd']['texture_weight'] = vc['texture_weight']
-    return base
+def _ablation_cfg(cfg: dict, vc: dict, name: str = '<name>') -> dict:
+    return ablation_block(cfg['methods'], vc, f'ablations.variants.{name}')
 
 
 # ============================================================================================ driver
@@ -882,7 +871,7 @@ def prepare(cfg: dict, data_root: Path, out: Path, teacher_ckpt: str | None, thr
     tpath = get_teacher(cfg, pool, out, teacher_ckpt, threads, device)
     tcache = precompute_teacher(cfg, pool, tpath, list(cfg['kd']['teacher_layers']), cache, threads, device)
     ucache = precompute_upcycle(cfg, pool, tpath, cache, threads, device) \
-        if any('upcycle' in (m or {}) for m in cfg['methods'].values()) else None
+        if any('upcycle_opt' in (m or {}) for m in cfg['methods'].values()) else None
     return dict(out=str(out), tests=tests, val=val, pool=str(pool), quiz_pool=str(quiz) if quiz else None,
                 teacher_ckpt=str(tpath), teacher_cache=str(tcache), shapes=_shapes(cfg), device=device,
                 upcycle_cache=str(ucache) if ucache else None)
@@ -934,7 +923,7 @@ def _shapes(cfg: dict) -> dict:
                 scale=shapes['scale'])
 
 
-def _exec(specs: list[dict], workers: int, on_done=None) -> list[dict]:
+def execute(specs: list[dict], workers: int, on_done=None) -> list[dict]:
     results = [None] * len(specs)
     if workers <= 0:
         for i, s in enumerate(specs):
@@ -960,11 +949,38 @@ def run(config: str | dict, data_root, out, teacher_ckpt: str | None = None, wor
         threads: int | None = None, budget_min: float | None = None, methods: list[str] | None = None,
         seeds: list[int] | None = None, iters: int | None = None, no_ablations: bool = False,
         plot: bool = True, device: str = 'cpu') -> dict:
-    """The whole benchmark (resumable). Returns the results dict (also ``out/results.json``)."""
+    """The whole benchmark (resumable). Returns the results dict (also ``out/results.json``).
+
+    Steps: :func:`apply_overrides` (the command line on the config), :func:`prepare` (pool,
+    teacher, caches), :func:`get_plan` (measure and fit the budget, or the stored plan),
+    :func:`run_jobs` (every job, finished ones reused), :func:`write_results`.
+    """
     t_begin = time.time()
     cfg = copy.deepcopy(config) if isinstance(config, dict) else load_config(config)
+    cfg = apply_overrides(cfg, workers=workers, threads=threads, budget_min=budget_min, methods=methods, seeds=seeds,
+                          iters=iters, no_ablations=no_ablations)
     data_root, out = Path(data_root), Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    bud = cfg['budget']
+    workers, threads = bud.get('workers', 2), bud.get('threads', 1)
+    main_threads = max(1, workers) * threads
+    previous = _read_json(out / 'config.json')  # the last call's config: does a stored plan still stand?
+    with open(out / 'config.json', 'w') as f:
+        json.dump(cfg, f, indent=1)
+    ctx = prepare(cfg, data_root, out, teacher_ckpt, main_threads, device)
+
+    def spec(name, method, mcfg, seed, n_iters, measure=None):
+        return job_spec(cfg, ctx, name, method, mcfg, seed, n_iters, threads, measure)
+
+    plan = get_plan(cfg, ctx, out, spec, device, t_begin, previous)
+    runs = run_jobs(cfg, plan, spec)
+    ref = reference_scores(cfg, ctx, out, main_threads, device)
+    return write_results(cfg, ctx, out, plan, runs, ref, plot, t_begin)
+
+
+def apply_overrides(cfg: dict, workers=None, threads=None, budget_min=None, methods=None, seeds=None, iters=None,
+                    no_ablations=False) -> dict:
+    """The config with the command line's choices written in (``cfg`` is changed and returned)."""
     bud = cfg.setdefault('budget', {})
     if workers is not None:
         bud['workers'] = workers
@@ -984,38 +1000,50 @@ def run(config: str | dict, data_root, out, teacher_ckpt: str | None = None, wor
         cfg['train']['min_iters'] = min(iters, cfg['train'].get('min_iters', iters))
     if no_ablations:
         cfg['ablations'] = None
-    workers = bud.get('workers', 2)
-    threads = bud.get('threads', 1)
-    main_threads = max(1, workers) * threads
-    with open(out / 'config.json', 'w') as f:
-        json.dump(cfg, f, indent=1)
-    ctx = prepare(cfg, data_root, out, teacher_ckpt, main_threads, device)
-    scale, tests, tpath = cfg['scale'], ctx['tests'], Path(ctx['teacher_ckpt'])
+    return cfg
 
-    def spec(name, method, mcfg, seed, n_iters, measure=None):
-        return job_spec(cfg, ctx, name, method, mcfg, seed, n_iters, threads, measure)
 
-    abl = cfg.get('ablations') or {}
-    variants = abl.get('variants') or {}
-    # ---------------------------------------------------------------- measure and plan
+def _read_json(path: Path):
+    if not path.exists():
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def _plan_key(cfg: dict, tpath, device) -> str:
+    return _hash(dict(cfg=cfg, teacher=str(tpath), **({'device': device} if device != 'cpu' else {})))
+
+
+def get_plan(cfg: dict, ctx: dict, out: Path, spec, device, t_begin: float, previous: dict | None = None) -> dict:
+    """The stored plan (``out/plan.json``) when it was made for this config, else a new one: a few
+    iterations of every method measured (``workers`` jobs at once) and fitted to the budget.
+
+    A plan made for the same config written in the first method-block vocabulary (``previous``:
+    the last call's ``config.json``, translated by :func:`~krbench.methods.config_from_legacy`)
+    stands, so a run folder's iterations, and with them its finished runs, are kept."""
+    bud, tpath = cfg['budget'], Path(ctx['teacher_ckpt'])
+    workers, threads = bud.get('workers', 2), bud.get('threads', 1)
+    variants = (cfg.get('ablations') or {}).get('variants') or {}
     plan_path = out / 'plan.json'
-    plan_key = _hash(dict(cfg=cfg, teacher=str(tpath), **({'device': device} if device != 'cpu' else {})))
-    plan = None
-    if plan_path.exists():
-        with open(plan_path) as f:
-            plan = json.load(f)
-        if plan.get('key') != plan_key:
-            plan = None
+    plan_key = _plan_key(cfg, tpath, device)
+    plan = _read_json(plan_path)
+    if plan is not None and plan.get('key') != plan_key:
+        legacy = previous is not None and plan.get('key') == _plan_key(previous, tpath, device) and \
+            _as_json(config_from_legacy(previous)) == _as_json(cfg)
+        plan = dict(plan, key=plan_key) if legacy else None
+        if legacy:
+            with open(plan_path, 'w') as f:
+                json.dump(plan, f, indent=1)
     if plan is None:
         mcfg = dict(cfg.get('measure', {}))
         mi, mm = mcfg.get('iters', 6), mcfg.get('meta_steps', 2)
         todo = [(m, mc) for m, mc in cfg['methods'].items()]
-        todo += [(f'abl_{v}', _ablation_cfg(cfg, vc)) for v, vc in variants.items()]
-        specs = [spec(n, n, mc, 0, mi + mm + 1, dict(iters=mi + mm, meta=mm if _every(mc) else 0, warmup=1))
+        todo += [(f'abl_{v}', _ablation_cfg(cfg, vc, v)) for v, vc in variants.items()]
+        specs = [spec(n, n, mc, 0, mi + mm + 1, dict(iters=mi + mm, meta=mm if meta_every(mc) else 0, warmup=1))
                  for n, mc in todo]
         log(f'measuring {len(specs)} methods ({mi} plain + {mm} meta iterations each, {workers} x {threads}-thread '
             'jobs)')
-        meas = {specs[i]['name']: r for i, r in enumerate(_exec(specs, workers))}
+        meas = {specs[i]['name']: r for i, r in enumerate(execute(specs, workers))}
         for n, r in meas.items():
             log(f'  {n:24s} step {r["t_step"]:.3f} s' + (f', meta step {r["t_meta"]:.3f} s' if r['t_meta'] else ''))
         overhead = time.time() - t_begin + bud.get('eval_seconds', 0)
@@ -1028,22 +1056,28 @@ def run(config: str | dict, data_root, out, teacher_ckpt: str | None = None, wor
         + f', predicted {plan["predicted_total_min"]:.0f} min in all ({plan["workers"]} workers x {threads} thread)')
     for j in plan['jobs']:
         log(f'  {j["name"]:22s} seed {j["seed"]} iters {j["iters"]:5d} predicted {j["predicted_s"] / 60:5.1f} min')
+    return plan
 
-    # ---------------------------------------------------------------- jobs
+
+def run_jobs(cfg: dict, plan: dict, spec) -> dict:
+    """Every (method, seed) job at the plan's iterations, then the ablations; longest first,
+    finished runs reused (:func:`reusable`), progress and ETA logged. Returns ``{name: result}``."""
+    abl = cfg.get('ablations') or {}
+    workers = cfg['budget'].get('workers', 2)
     specs = []
     for m, mc in cfg['methods'].items():
         for s in cfg['train']['seeds']:
             specs.append(spec(f'{m}_s{s}_i{plan["iters"]}', m, mc, s, plan['iters']))
-    for v, vc in variants.items():
+    for v, vc in (abl.get('variants') or {}).items():
         s = abl.get('seed', 0)
-        specs.append(spec(f'abl_{v}_s{s}_i{plan["ablation_iters"]}', f'abl_{v}', _ablation_cfg(cfg, vc), s,
+        specs.append(spec(f'abl_{v}_s{s}_i{plan["ablation_iters"]}', f'abl_{v}', _ablation_cfg(cfg, vc, v), s,
                           plan['ablation_iters']))
     pred = {j['name']: j['predicted_s'] for j in plan['jobs']}
     costs = [pred.get(s_['method'], 1.0) for s_ in specs]
     order = sorted(range(len(specs)), key=lambda i: (specs[i]['method'].startswith('abl_'), -costs[i]))
     specs = [specs[i] for i in order]
     costs = [costs[i] for i in order]
-    done_before = [i for i, s_ in enumerate(specs) if _reusable(s_, log)]
+    done_before = [i for i, s_ in enumerate(specs) if reusable(s_, log)]
     if done_before:
         log(f'resuming: {len(done_before)} of {len(specs)} runs already finished (reused, not retrained)')
     remaining = sum(c for i, c in enumerate(costs) if i not in done_before)
@@ -1061,13 +1095,15 @@ def run(config: str | dict, data_root, out, teacher_ckpt: str | None = None, wor
         log(f'[{state["n"]}/{len(specs)}] {specs[i]["name"]} finished; elapsed {el / 60:.1f} min, '
             f'ETA {eta / 60:.1f} min (finish ~{time.strftime("%H:%M", time.localtime(time.time() + eta))})')
 
-    results = _exec(specs, workers, on_done)
+    results = execute(specs, workers, on_done)
     for s_, r in zip(specs, results):
         r['_dir'] = s_['run_dir']
-    runs = {s_['name']: r for s_, r in zip(specs, results)}
+    return {s_['name']: r for s_, r in zip(specs, results)}
 
-    # ---------------------------------------------------------------- reference rows
-    ref = reference_scores(cfg, ctx, out, main_threads, device)
+
+def write_results(cfg: dict, ctx: dict, out: Path, plan: dict, runs: dict, ref: dict, plot: bool, t_begin: float
+                  ) -> dict:
+    """The summary: ``results.json``, ``results.md`` (printed), ``curves.png`` and ``visual.png``."""
     summary = summarize(cfg, plan, runs, ref)
     with open(out / 'results.json', 'w') as f:
         json.dump(dict(summary=summary, runs=runs, reference=ref, plan=plan), f, indent=1)
@@ -1075,14 +1111,14 @@ def run(config: str | dict, data_root, out, teacher_ckpt: str | None = None, wor
     (out / 'results.md').write_text(md)
     if plot:
         plot_curves(summary, runs, out / 'curves.png')
-        plot_visual(cfg, summary, runs, tests, out / 'visual.png', scale)
+        plot_visual(cfg, summary, runs, ctx['tests'], out / 'visual.png', cfg['scale'])
     log(f'done in {(time.time() - t_begin) / 60:.1f} min; {out / "results.md"}')
     print(md, flush=True)
     return dict(summary=summary, runs=runs, reference=ref, plan=plan)
 
 
 # ============================================================================================ summary
-def _ms(vals):
+def mean_std(vals):
     vals = np.asarray(vals, np.float64)
     return dict(mean=float(vals.mean()), std=float(vals.std(ddof=1)) if len(vals) > 1 else 0.0, n=len(vals),
                 values=[float(v) for v in vals])
@@ -1093,9 +1129,9 @@ def summarize(cfg, plan, runs, ref) -> dict:
     by_method: dict[str, list] = {}
     for r in runs.values():
         by_method.setdefault(r['method'], []).append(r)
-    rows = [dict(method='bicubic', **{f'{t}_{k}': _ms([ref['bicubic'][t][k]]) for t in tests for k in ('psnr', 'ssim')}),
+    rows = [dict(method='bicubic', **{f'{t}_{k}': mean_std([ref['bicubic'][t][k]]) for t in tests for k in ('psnr', 'ssim')}),
             dict(method='teacher', params=ref['teacher_params'],
-                 **{f'{t}_{k}': _ms([ref['teacher'][t][k]]) for t in tests for k in ('psnr', 'ssim')})]
+                 **{f'{t}_{k}': mean_std([ref['teacher'][t][k]]) for t in tests for k in ('psnr', 'ssim')})]
     alone = {r['seed']: r for r in by_method.get('student_alone', [])}
     paired = {}
     for m in cfg['methods']:
@@ -1103,12 +1139,12 @@ def summarize(cfg, plan, runs, ref) -> dict:
         if not rs:
             continue
         row = dict(method=m, seeds=[r['seed'] for r in rs], iters=rs[0]['iters'], params=rs[0]['params'],
-                   s_per_iter=_ms([r['s_per_iter'] for r in rs]), peak_rss_mib=max(r['peak_rss_mib'] for r in rs))
+                   s_per_iter=mean_std([r['s_per_iter'] for r in rs]), peak_rss_mib=max(r['peak_rss_mib'] for r in rs))
         for t in tests:
             for k in ('psnr', 'ssim'):
-                row[f'{t}_{k}'] = _ms([r['tests'][t][k] for r in rs])
+                row[f'{t}_{k}'] = mean_std([r['tests'][t][k] for r in rs])
         if m != 'student_alone' and alone:
-            paired[m] = {t: _ms([r['tests'][t]['psnr'] - alone[r['seed']]['tests'][t]['psnr'] for r in rs
+            paired[m] = {t: mean_std([r['tests'][t]['psnr'] - alone[r['seed']]['tests'][t]['psnr'] for r in rs
                                  if r['seed'] in alone]) for t in tests}
         ml = [x for r in rs for x in r.get('meta_log', []) if x.get('grad_norm') is not None]
         if ml:
@@ -1151,7 +1187,7 @@ def summarize(cfg, plan, runs, ref) -> dict:
                 best_metakd=best_meta, targets=targets, iters=plan['iters'], ablation_iters=plan['ablation_iters'])
 
 
-def _pm(d, fmt='{:.3f}'):
+def plus_minus(d, fmt='{:.3f}'):
     if d['n'] > 1:
         return (fmt + ' ± ' + fmt).format(d['mean'], d['std'])
     return fmt.format(d['mean'])
@@ -1163,16 +1199,16 @@ def format_markdown(s: dict) -> str:
         ['params', 's/iter', 'peak RSS (MiB)', 'seeds']
     rows = []
     for r in s['rows']:
-        rows.append([METHOD_LABELS.get(r['method'], r['method'])] + [_pm(r[f'{t}_psnr']) for t in tests] +
-                    [_pm(r[f'{t}_ssim'], '{:.4f}') for t in tests] +
+        rows.append([METHOD_LABELS.get(r['method'], r['method'])] + [plus_minus(r[f'{t}_psnr']) for t in tests] +
+                    [plus_minus(r[f'{t}_ssim'], '{:.4f}') for t in tests] +
                     [f'{r["params"] / 1e6:.3f} M' if r.get('params') else '–',
-                     _pm(r['s_per_iter']) if 's_per_iter' in r else '–',
+                     plus_minus(r['s_per_iter']) if 's_per_iter' in r else '–',
                      f'{r["peak_rss_mib"]:.0f}' if 'peak_rss_mib' in r else '–', len(r.get('seeds', [])) or '–'])
     out = [f'Student runs: {s["iters"]} iterations each; mean ± std over seeds (std with ddof=1).', '',
            ev.markdown_table(header, rows), '']
     if s['paired']:
         out += ['Paired differences against the same-seed student alone (Y-PSNR, dB; mean ± std over seeds):', '',
-                ev.markdown_table(['method'] + tests, [[METHOD_LABELS.get(m, m)] + [_pm(d[t], '{:+.3f}') for t in tests]
+                ev.markdown_table(['method'] + tests, [[METHOD_LABELS.get(m, m)] + [plus_minus(d[t], '{:+.3f}') for t in tests]
                                                        for m, d in s['paired'].items()]), '']
     if s['targets']:
         out += [f'Targets for {METHOD_LABELS.get(s["best_metakd"])} (best hand-crafted: '

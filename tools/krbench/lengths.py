@@ -34,8 +34,9 @@ import numpy as np
 
 from krdistill import evaluation as ev
 
-from .benchmark import (METHOD_LABELS, _exec, _ms, _pm, iteration_budget, job_spec, load_config, log, prepare,
-                        reference_scores)
+from .benchmark import (METHOD_LABELS, execute, iteration_budget, job_spec, load_config, log, mean_std, plus_minus,
+                        prepare, reference_scores)
+from .methods import is_metakd
 
 __all__ = ['run_lengths', 'parse_lengths', 'narrow_lengths', 'summarize_lengths', 'format_lengths', 'plot_lengths', 'main']
 
@@ -44,9 +45,9 @@ _COST = {'student_alone': 1.0, 'output_kd': 1.15}
 
 
 def _cost(method: str, mcfg: dict) -> float:
-    if 'metakd' in (mcfg or {}):
+    if is_metakd(mcfg):
         return 1.6
-    if 'upcycle' in (mcfg or {}):
+    if 'upcycle_opt' in (mcfg or {}):
         return 2.2
     return _COST.get(method, 1.3)
 
@@ -173,7 +174,7 @@ def run_lengths(config: str | dict, data_root, out, teacher_ckpt: str | None = N
         eta = el / done * state['left'] if done > 0 else float('nan')
         log(f'[{state["n"]}/{len(specs)}] {specs[i]["name"]} done; elapsed {el / 60:.1f} min, ETA {eta / 60:.1f} min')
 
-    results = _exec(specs, workers, on_done)
+    results = execute(specs, workers, on_done)
     runs = {s['name']: r for s, r in zip(specs, results)}
     ref = reference_scores(cfg, ctx, out, max(1, workers) * threads, device)
     summary = summarize_lengths(cfg, lengths, runs, ref)
@@ -194,7 +195,7 @@ def _paired(a: dict, b: dict, test: str) -> dict | None:
     seeds = sorted(set(a) & set(b))
     if not seeds:
         return None
-    d = _ms([a[s]['tests'][test]['psnr'] - b[s]['tests'][test]['psnr'] for s in seeds])
+    d = mean_std([a[s]['tests'][test]['psnr'] - b[s]['tests'][test]['psnr'] for s in seeds])
     d['seeds'] = seeds
     return d
 
@@ -214,10 +215,10 @@ def summarize_lengths(cfg: dict, lengths: dict, runs: dict, ref: dict) -> dict:
         for m, rs in by.items():
             if not rs:
                 continue
-            row = dict(method=m, seeds=sorted(rs), s_per_iter=_ms([r['s_per_iter'] for r in rs.values()]),
+            row = dict(method=m, seeds=sorted(rs), s_per_iter=mean_std([r['s_per_iter'] for r in rs.values()]),
                        iters=max(r['iters'] for r in rs.values()))
             for t in tests:
-                row[t] = _ms([rs[s]['tests'][t]['psnr'] for s in sorted(rs)])
+                row[t] = mean_std([rs[s]['tests'][t]['psnr'] for s in sorted(rs)])
                 if m != 'student_alone':
                     row[f'{t}_gap'] = _paired(rs, alone, t)
             rows.append(row)
@@ -259,7 +260,7 @@ def format_lengths(s: dict) -> str:
             if r.get('iters', e['iters']) != e['iters']:
                 label += f' ({r["iters"]} it)'
             body.append([label, len(r['seeds'])] +
-                        [_pm(r[t]) for t in tests] + gaps + [f'{r["s_per_iter"]["mean"]:.3f}'])
+                        [plus_minus(r[t]) for t in tests] + gaps + [f'{r["s_per_iter"]["mean"]:.3f}'])
         lines += [ev.markdown_table(header, body), '']
         for m, d in e['meta_minus_frozen'].items():
             ref = 'frozen' if s.get('frozen_equals') is None else f'frozen (= {s["frozen_equals"]} by construction)'
