@@ -9,6 +9,7 @@ import pytest
 
 import krdistill  # noqa: F401
 from krbench import benchmark as bench  # tools/ (tests/conftest.py)
+from krbench import methods
 
 EDSR = dict(type='EDSR', num_in_ch=3, num_out_ch=3, upscale=2, res_scale=1, img_range=255.,
             rgb_mean=[0.4488, 0.4371, 0.4040])
@@ -32,8 +33,13 @@ def data_root(tmp_path):
     return root
 
 
+OUTPUT_KD = {'output_kd_opt': {'type': 'OutputKDLoss', 'loss_weight': 1.0}}
+FITNET = {'type': 'FitNetLoss', 'loss_weight': 1.0}
+
+
 def tiny_config():
-    meta = dict(krnet=dict(num_kernels=2, hidden=4), texture_weight=1.0, optim_kr=dict(lr=1e-3),
+    meta = dict(network_kr=dict(type='KRNet', num_kernels=2, hidden=4),
+                texture_opt=dict(type='TextureWiseLoss', loss_weight=1.0), optim_kr=dict(lr=1e-3),
                 meta=dict(every=2, mode='exact'))
     return dict(
         scale=2,
@@ -46,10 +52,10 @@ def tiny_config():
         train=dict(iters=4, iters_step=2, min_iters=2, batch=4, lr=1e-3, betas=[0.9, 0.99], seeds=[0, 1],
                    val_every=2, log_every=2),
         kd=dict(teacher_layers=['body.1'], student_layers=['body.0']),
-        methods=dict(student_alone={}, output_kd={'output_kd': 1.0},
-                     fitnet={'pair': {'type': 'FitNetLoss', 'loss_weight': 1.0}}, metakd_exact={'metakd': meta}),
+        methods=dict(student_alone={}, output_kd=dict(OUTPUT_KD),
+                     fitnet={'kd_opt': {'type': 'FitNetLoss', 'loss_weight': 1.0}}, metakd_exact=meta),
         ablations=dict(seed=0, iters_fraction=0.5, variants=dict(static_kernels=dict(method='metakd_exact',
-                                                                                    krnet=dict(dynamic=False)))),
+                                                                                    network_kr=dict(dynamic=False)))),
         visual=dict(crop=8),
         measure=dict(iters=2, meta_steps=1),
         budget=dict(minutes=1000, workers=0, threads=1),
@@ -126,11 +132,10 @@ def test_plan_fits_budget():
 # ---------------------------------------------------------------------------- the shipped algorithms
 def _equivalence_config():
     cfg = tiny_config()
-    meta = cfg['methods']['metakd_exact']['metakd']
-    cfg['methods'] = {'metakd_exact': {'output_kd': 1.0, 'metakd': meta},
-                      'fitnet_out': {'output_kd': 1.0, 'pair': {'type': 'FitNetLoss', 'loss_weight': 1.0}},
-                      'fitnet_fastreg': {'output_kd': 1.0, 'pair': {'type': 'FitNetLoss', 'loss_weight': 1.0},
-                                         'regressor_optim': {'lr': 5e-2, 'betas': [0.5, 0.9]}}}
+    meta = cfg['methods']['metakd_exact']
+    cfg['methods'] = {'metakd_exact': dict(OUTPUT_KD, **meta),
+                      'fitnet_out': dict(OUTPUT_KD, kd_opt=dict(FITNET)),
+                      'fitnet_fastreg': dict(OUTPUT_KD, kd_opt=dict(FITNET), optim_kd={'lr': 5e-2, 'betas': [0.5, 0.9]})}
     cfg['ablations'] = None
     cfg['train'].update(seeds=[0], iters=4, min_iters=4, log_every=1)
     return cfg
@@ -210,7 +215,7 @@ def test_benchmark_jobs_equal_plain_loops_of_the_builders(tmp_path, data_root):
         for it, (g, w) in enumerate(zip(got, want), 1):
             for k in w:
                 assert g[k] == pytest.approx(w[k], rel=1e-6, abs=1e-9), (method, it, k)
-    # regressor_optim: the regressor's own lr and betas change the run from iteration 2 on
+    # optim_kd: the regressor's own lr and betas change the run from iteration 2 on
     fast, slow = runs['fitnet_fastreg']['stats'], runs['fitnet_out']['stats']
     assert fast[0]['l_total'] == pytest.approx(slow[0]['l_total'], rel=1e-6)
     assert abs(fast[3]['l_kd_fitnet'] - slow[3]['l_kd_fitnet']) > 1e-4
@@ -218,7 +223,7 @@ def test_benchmark_jobs_equal_plain_loops_of_the_builders(tmp_path, data_root):
 
 def test_non_finite_steps_are_skipped_and_counted(tmp_path, data_root):
     cfg = _equivalence_config()
-    cfg['methods'] = {'output_kd': {'output_kd': 1.0}}
+    cfg['methods'] = {'output_kd': dict(OUTPUT_KD)}
     out = tmp_path / 'run'
     first = bench.run(cfg, data_root, out, plot=False)
     assert list(first['runs'].values())[0]['skipped_steps'] == 0
@@ -235,46 +240,138 @@ def test_non_finite_steps_are_skipped_and_counted(tmp_path, data_root):
     assert json.loads(next(out.glob('runs/*/result.json')).read_text())['skipped_steps'] == 4
 
 
-def test_method_blocks_map_onto_the_option_blocks():
+def test_method_blocks_are_the_option_blocks():
     assert bench.method_options({}) == {'pixel_opt': bench.PIXEL_OPT}
-    opts = bench.method_options({'output_kd': 0.5, 'metakd': {
-        'krnet': {'num_kernels': 4}, 'texture_weight': 2.0, 'texture': {'criterion': 'charbonnier'},
-        'optim_kr': {'lr': 1e-2}, 'meta': {'every': 4}}})
+    opts = bench.method_options({'output_kd_opt': {'type': 'OutputKDLoss', 'loss_weight': 0.5},
+                                 'network_kr': {'type': 'KRNet', 'num_kernels': 4},
+                                 'texture_opt': {'type': 'TextureWiseLoss', 'loss_weight': 2.0, 'criterion': 'charbonnier'},
+                                 'optim_kr': {'lr': '1e-2'}, 'meta': {'every': 4}, 'start_fraction': 0.5})
     assert opts['output_kd_opt'] == {'type': 'OutputKDLoss', 'loss_weight': 0.5}
     assert opts['network_kr'] == {'type': 'KRNet', 'num_kernels': 4}
     assert opts['texture_opt'] == {'type': 'TextureWiseLoss', 'loss_weight': 2.0, 'criterion': 'charbonnier'}
     assert opts['optim_kr'] == {'type': 'Adam', 'lr': 1e-2, 'betas': [0.9, 0.999]} and opts['meta'] == {'every': 4}
-    assert bench.method_options({'pair': {'type': 'ATLoss', 'loss_weight': 500}})['kd_opt'] == {
+    assert 'start_fraction' not in opts  # a protocol key, not a builder block
+    assert bench.method_options({'kd_opt': {'type': 'ATLoss', 'loss_weight': 500}})['kd_opt'] == {
         'type': 'ATLoss', 'loss_weight': 500}
-    with pytest.raises(ValueError, match=r'methods\.x\.regressor_optim: .*needs methods\.x\.pair'):
-        bench.method_options({'regressor_optim': {'lr': 1e-2}}, 'methods.x')
-    with pytest.raises(ValueError, match=r'methods\.x\.regressor_optim'):
-        bench.method_options({'pair': {'type': 'FitNetLoss'}, 'regressor_optim': {'lr': 1e-2, 'eps': 1}}, 'methods.x')
+    with pytest.raises(ValueError, match=r'methods\.x\.optim_kd: .*needs methods\.x\.kd_opt'):
+        bench.method_options({'optim_kd': {'lr': 1e-2}}, 'methods.x')
+    with pytest.raises(ValueError, match=r'methods\.x\.optim_kd'):
+        bench.method_options({'kd_opt': dict(FITNET), 'optim_kd': {'lr': 1e-2, 'eps': 1}}, 'methods.x')
     with pytest.raises(KeyError, match=r'methods\.x: unknown key\(s\) \[.pairs.\]'):
         bench.method_options({'pairs': {}}, 'methods.x')
-    with pytest.raises(KeyError, match=r'methods\.x\.metakd: unknown key\(s\) \[.krnets.\]'):
-        bench.method_options({'metakd': {'krnets': {}}}, 'methods.x')
+    with pytest.raises(ValueError, match=r'methods\.x\.network_kr\.type: missing'):
+        bench.method_options({'network_kr': {'num_kernels': 4}}, 'methods.x')
+    with pytest.raises(ValueError, match=r'methods\.x\.meta: a MetaKD key; needs methods\.x\.network_kr'):
+        bench.method_options({'meta': {'every': 4}}, 'methods.x')
+    with pytest.raises(ValueError, match=r'methods\.x\.equal_compute'):
+        bench.method_options({'network_kr': {'type': 'KRNet'}, 'equal_compute': 'output_kd'}, 'methods.x')
+
+
+@pytest.mark.parametrize('key, new', [('output_kd', 'output_kd_opt'), ('pair', 'kd_opt'),
+                                      ('regressor_optim', 'optim_kd'), ('upcycle', 'upcycle_opt'),
+                                      ('metakd', 'network_kr')])
+def test_a_key_of_the_old_vocabulary_names_its_replacement(key, new):
+    with pytest.raises(KeyError, match=rf'methods\.x\.{key}: a key of the benchmark\'s old vocabulary; write {new}'):
+        bench.method_options({key: {}}, 'methods.x')
+    cfg = tiny_config()
+    cfg['ablations']['variants']['static_kernels'] = dict(method='metakd_exact', krnet=dict(dynamic=False))
+    with pytest.raises(KeyError, match=r'ablations\.variants\.v\.krnet: .*write network_kr'):
+        methods.ablation_block(cfg['methods'], cfg['ablations']['variants']['static_kernels'], 'ablations.variants.v')
+
+
+#: blocks of the first vocabulary as finished runs recorded them, and the same in the option-file vocabulary
+LEGACY = [
+    ({'output_kd': 1.0}, dict(OUTPUT_KD)),
+    ({'output_kd': 1.0, 'pair': dict(FITNET), 'regressor_optim': {'lr': 1e-2, 'betas': [0.9, 0.999]},
+      'upcycle': {'zoom_in': 1, 'zoom_out': True}, 'equal_compute': 'output_kd'},
+     dict(OUTPUT_KD, kd_opt=dict(FITNET), optim_kd={'lr': 1e-2, 'betas': [0.9, 0.999]},
+          upcycle_opt={'zoom_in': 1, 'zoom_out': True}, equal_compute='output_kd')),
+    ({'output_kd': 1.0, 'metakd': {'krnet': {'num_kernels': 2}, 'texture_weight': 1.0,
+                                   'texture': {'criterion': 'charbonnier', 'eps': 0.01}, 'optim_kr': {'lr': 1e-2},
+                                   'meta': {'every': 16}, 'meta_data': 'quiz', 'start_fraction': 0.5}},
+     dict(OUTPUT_KD, network_kr={'type': 'KRNet', 'num_kernels': 2},
+          texture_opt={'type': 'TextureWiseLoss', 'loss_weight': 1.0, 'criterion': 'charbonnier', 'eps': 0.01},
+          optim_kr={'lr': 1e-2}, meta={'every': 16}, meta_data='quiz', start_fraction=0.5)),
+]
+
+
+@pytest.mark.parametrize('old, new', LEGACY)
+def test_from_legacy_trains_what_the_old_block_trained(old, new):
+    assert methods.canonical(old) == methods.canonical(new)
+    assert methods.from_legacy(new) == new  # a new block is left as it is
+    changed = dict(new, output_kd_opt={'type': 'OutputKDLoss', 'loss_weight': 2.0})
+    assert methods.canonical(old) != methods.canonical(changed)
+
+
+def test_a_run_recorded_in_the_old_vocabulary_is_reused(tmp_path, data_root):
+    """Finished runs whose result.json holds a block of the first vocabulary are reused by the same
+    block in the option-file vocabulary (and the plan they were made under stands); a really changed
+    block is retrained."""
+    cfg = tiny_config()
+    cfg['methods'] = {'output_kd': dict(OUTPUT_KD), 'metakd_exact': cfg['methods']['metakd_exact']}
+    cfg['ablations']['variants'] = dict(frozen=dict(method='metakd_exact', meta=dict(update='frozen')))
+    cfg['train'].update(seeds=[0])
+    out = tmp_path / 'run'
+    first = bench.run(cfg, data_root, out, plot=False)['runs']
+    # rewrite what the first call recorded as the first vocabulary wrote it
+    legacy_meta = {'krnet': {'num_kernels': 2, 'hidden': 4}, 'texture_weight': 1.0, 'optim_kr': {'lr': 1e-3},
+                   'meta': {'every': 2, 'mode': 'exact'}}
+    old_blocks = {'output_kd': {'output_kd': 1.0}, 'metakd_exact': {'metakd': legacy_meta},
+                  'abl_frozen': {'metakd': dict(legacy_meta, meta={'every': 2, 'mode': 'exact', 'update': 'frozen'})}}
+    for p in out.glob('runs/*/result.json'):
+        r = json.loads(p.read_text())
+        r['method_cfg'] = old_blocks[r['method']]
+        p.write_text(json.dumps(r))
+    old_cfg = json.loads((out / 'config.json').read_text())
+    old_cfg['methods'] = {m: old_blocks[m] for m in cfg['methods']}
+    old_cfg['ablations']['variants'] = dict(frozen=dict(method='metakd_exact', meta=dict(update='frozen')))
+    plan = json.loads((out / 'plan.json').read_text())
+    plan['key'] = bench._plan_key(old_cfg, out / 'teacher' / 'teacher.pth', 'cpu')
+    (out / 'plan.json').write_text(json.dumps(plan))
+    (out / 'config.json').write_text(json.dumps(old_cfg))
+    stamp = {p: p.stat().st_mtime_ns for p in out.glob('runs/*/result.json')}
+    calls = []
+    orig = bench.execute
+
+    def no_measuring(specs, workers, on_done=None):
+        calls.extend(s.get('measure') is not None for s in specs)
+        return orig(specs, workers, on_done)
+
+    bench.execute = no_measuring
+    try:
+        again = bench.run(cfg, data_root, out, plot=False)['runs']
+    finally:
+        bench.execute = orig
+    assert not any(calls)  # the plan stands: nothing measured again
+    assert {p: p.stat().st_mtime_ns for p in out.glob('runs/*/result.json')} == stamp  # nothing retrained
+    assert {n: r['tests'] for n, r in again.items()} == {n: r['tests'] for n, r in first.items()}
+    cfg['methods']['output_kd'] = {'output_kd_opt': {'type': 'OutputKDLoss', 'loss_weight': 3.0}}
+    changed = bench.run(cfg, data_root, out, plot=False, methods=['output_kd'], no_ablations=True)['runs']
+    (run,) = changed.values()
+    assert run['method_cfg'] == cfg['methods']['output_kd']
+    assert run['stats'][-1]['l_kd_out'] != first[run['name']]['stats'][-1]['l_kd_out']
 
 
 def test_a_changed_method_block_is_retrained_not_reused(tmp_path, data_root):
     cfg = _equivalence_config()
-    cfg['methods'] = {'output_kd': {'output_kd': 1.0}}
+    cfg['methods'] = {'output_kd': dict(OUTPUT_KD)}
     out = tmp_path / 'run'
     first = list(bench.run(cfg, data_root, out, plot=False)['runs'].values())[0]
     again = list(bench.run(cfg, data_root, out, plot=False)['runs'].values())[0]
     assert again['stats'] == first['stats']  # same block: reused
-    cfg['methods']['output_kd'] = {'output_kd': 3.0}
+    cfg['methods']['output_kd'] = {'output_kd_opt': {'type': 'OutputKDLoss', 'loss_weight': 3.0}}
     changed = list(bench.run(cfg, data_root, out, plot=False)['runs'].values())[0]
-    assert changed['method_cfg'] == {'output_kd': 3.0}
+    assert changed['method_cfg'] == {'output_kd_opt': {'type': 'OutputKDLoss', 'loss_weight': 3.0}}
     assert changed['stats'][-1]['l_kd_out'] != first['stats'][-1]['l_kd_out']
 
 
 def test_horizon_runs_log_the_credit_of_their_branch_weights(tmp_path, data_root):
     cfg = tiny_config()
-    meta = dict(krnet=dict(num_kernels=2, hidden=4, fitnet_branch=True, texture_init=0.0, learn_fitnet_weight=False),
-                texture_weight=1.0, optim_kr=dict(lr=1e-2),
+    meta = dict(network_kr=dict(type='KRNet', num_kernels=2, hidden=4, fitnet_branch=True, texture_init=0.0,
+                                learn_fitnet_weight=False),
+                texture_opt=dict(type='TextureWiseLoss', loss_weight=1.0), optim_kr=dict(lr=1e-2),
                 meta=dict(every=1, mode='exact', virtual_step='optimizer', objective='horizon', horizon_stride=2))
-    cfg['methods'] = dict(metakd_hz={'output_kd': 1.0, 'metakd': meta})
+    cfg['methods'] = dict(metakd_hz=dict(OUTPUT_KD, **meta))
     cfg['train'].update(seeds=[0], iters=12, min_iters=12)
     cfg['ablations'] = None
     bench.run(cfg, data_root, tmp_path / 'run')

@@ -8,7 +8,7 @@ import pytest
 import krdistill  # noqa: F401
 from krbench import benchmark as bench  # tools/ (tests/conftest.py)
 from krbench import lengths as bl
-from test_benchmark import data_root, tiny_config  # noqa: F401  (the fixture)
+from test_benchmark import FITNET, OUTPUT_KD, data_root, tiny_config  # noqa: F401  (the fixture)
 
 
 def lengths_config():
@@ -16,13 +16,13 @@ def lengths_config():
     cfg.pop('ablations')
     cfg['data']['quiz'] = dict(fraction=0.25, seed=0)
     cfg['pool'].update(quiz_size=8)
-    meta = dict(cfg['methods']['metakd_exact']['metakd'])
-    meta['krnet'] = dict(meta['krnet'], fitnet_branch=True, learn_fitnet_weight=False)
+    meta = dict(cfg['methods']['metakd_exact'])
+    meta['network_kr'] = dict(meta['network_kr'], fitnet_branch=True, learn_fitnet_weight=False)
     meta['meta'] = dict(every=2, mode='exact', virtual_step='optimizer', objective='horizon')
-    cfg['methods'] = dict(student_alone={}, output_kd={'output_kd': 1.0},
-                          fitnet_out_fastreg={'output_kd': 1.0, 'pair': {'type': 'FitNetLoss', 'loss_weight': 1.0},
-                                              'regressor_optim': {'lr': 1e-2, 'betas': [0.9, 0.999]}},
-                          metakd_late={'output_kd': 1.0, 'metakd': dict(meta, meta_data='quiz', start_fraction=0.5)})
+    cfg['methods'] = dict(student_alone={}, output_kd=dict(OUTPUT_KD),
+                          fitnet_out_fastreg=dict(OUTPUT_KD, kd_opt=dict(FITNET),
+                                                  optim_kd={'lr': 1e-2, 'betas': [0.9, 0.999]}),
+                          metakd_late=dict(OUTPUT_KD, **meta, meta_data='quiz', start_fraction=0.5))
     cfg['lengths'] = {4: [0, 1], 8: [0]}
     cfg['frozen_equals'] = 'fitnet_out_fastreg'
     return cfg
@@ -64,7 +64,7 @@ def test_lengths_tiny_run_summary_and_resume(tmp_path, data_root):  # noqa: F811
 def test_quiz_meta_data_without_quiz_split_names_the_key(tmp_path, data_root):  # noqa: F811
     cfg = lengths_config()
     del cfg['data']['quiz']
-    with pytest.raises(ValueError, match=r'metakd_late\.metakd\.meta_data: quiz needs data\.quiz'):
+    with pytest.raises(ValueError, match=r'metakd_late\.meta_data: quiz needs data\.quiz'):
         bl.run_lengths(cfg, data_root, tmp_path / 'run', workers=0, methods=['metakd_late'])
 
 
@@ -72,10 +72,10 @@ def test_quiz_meta_data_without_quiz_split_names_the_key(tmp_path, data_root):  
                                         ({'meta_data': 'train'}, r'meta_data'),
                                         ({'start_fraction': 0.5, 'meta': {'start': 3}}, 'not both')])
 def test_protocol_metakd_keys_are_checked(bad, match):
-    mk = dict(lengths_config()['methods']['metakd_late']['metakd'])
+    mk = dict(lengths_config()['methods']['metakd_late'])
     mk.update(bad)
     with pytest.raises(ValueError, match=match):
-        bench.method_options({'metakd': mk}, 'methods.x')
+        bench.method_options(mk, 'methods.x')
 
 
 def test_lengths_key_is_checked(tmp_path, data_root):  # noqa: F811
@@ -108,10 +108,10 @@ def test_dukd_rows_cached_upcycling_equal_compute_and_method_lengths(tmp_path, d
     (FLOPs of output KD at the column's length) and `method_lengths` narrows a row's lengths."""
     cfg = lengths_config()
     up = {'zoom_in': 1, 'zoom_out': True, 'aug_prob': 0.5}
-    cfg['methods'] = dict(student_alone={}, output_kd={'output_kd': 1.0},
-                          dukd={'output_kd': 1.0, 'upcycle': up},
-                          dukd_eqc={'output_kd': 1.0, 'upcycle': up, 'equal_compute': 'output_kd'},
-                          dukd_2step={'output_kd': 1.0, 'upcycle': dict(up, steps=2)})
+    cfg['methods'] = dict(student_alone={}, output_kd=dict(OUTPUT_KD),
+                          dukd=dict(OUTPUT_KD, upcycle_opt=up),
+                          dukd_eqc=dict(OUTPUT_KD, upcycle_opt=up, equal_compute='output_kd'),
+                          dukd_2step=dict(OUTPUT_KD, upcycle_opt=dict(up, steps=2)))
     cfg['method_lengths'] = {'dukd_2step': {8: [0]}}
     out = tmp_path / 'run'
     s = bl.run_lengths(cfg, data_root, out, workers=0, plot=False)

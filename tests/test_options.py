@@ -443,11 +443,12 @@ def test_bench_protocol_files(path):
     build_net(copy.deepcopy(cfg['student']['network']))
     assert len(cfg['kd']['teacher_layers']) == len(cfg['kd']['student_layers'])
     for name, m in cfg['methods'].items():
-        if 'pair' in m:
-            pc = dict(m['pair'])
+        if 'kd_opt' in m:
+            pc = dict(m['kd_opt'])
             cls = getattr(kd_loss, pc.pop('type'))
             (cls(8, 8, **pc) if cls is kd_loss.FitNetLoss else cls(**pc))
-        if 'metakd' in m:
-            check_removed(m['metakd'].get('krnet', {}), f'{path.name}: methods.{name}.metakd.krnet', REMOVED_KRNET_KEYS)
-            KRNet(8, 8, **m['metakd'].get('krnet', {}))
-            check_meta_options(m['metakd'].get('meta', {}), key=f'{path.name}: methods.{name}.metakd.meta')
+        if 'network_kr' in m:
+            kr = {k: v for k, v in m['network_kr'].items() if k != 'type'}
+            check_removed(kr, f'{path.name}: methods.{name}.network_kr', REMOVED_KRNET_KEYS)
+            KRNet(8, 8, **kr)
+            check_meta_options(m.get('meta', {}), key=f'{path.name}: methods.{name}.meta')

@@ -108,6 +108,9 @@ def load_protocol(path: str | os.PathLike) -> dict:
     if unknown:
         raise KeyError(f'{path}: gpu.skip_methods: {unknown} are not methods of the config')
     cfg['methods'] = {m: v for m, v in cfg['methods'].items() if m not in skip}
+    from krbench.methods import check_method
+    for m, block in cfg['methods'].items():
+        check_method(block, f'{path}: methods.{m}')
     return cfg
 
 

@@ -55,7 +55,7 @@ from krdistill.upcycle import Upcycled, zoom_out
 from krdistill.kr_picture import texture_weights
 
 from .memprobe import reset_peak_rss, status_kib
-from .methods import (PIXEL_OPT, ablation_block, canonical, check_method, config_from_legacy, is_metakd, meta_every,
+from .methods import (PIXEL_OPT, ablation_block, canonical, check_method, comparable_config, is_metakd, meta_every,
                       method_options)
 
 __all__ = ['load_config', 'build_net', 'method_options', 'build_method', 'run_job', 'run', 'main', 'RowFile',
@@ -1019,7 +1019,7 @@ def get_plan(cfg: dict, ctx: dict, out: Path, spec, device, t_begin: float, prev
     iterations of every method measured (``workers`` jobs at once) and fitted to the budget.
 
     A plan made for the same config written in the first method-block vocabulary (``previous``:
-    the last call's ``config.json``, translated by :func:`~krbench.methods.config_from_legacy`)
+    the last call's ``config.json``, compared by :func:`~krbench.methods.comparable_config`)
     stands, so a run folder's iterations, and with them its finished runs, are kept."""
     bud, tpath = cfg['budget'], Path(ctx['teacher_ckpt'])
     workers, threads = bud.get('workers', 2), bud.get('threads', 1)
@@ -1029,7 +1029,7 @@ def get_plan(cfg: dict, ctx: dict, out: Path, spec, device, t_begin: float, prev
     plan = _read_json(plan_path)
     if plan is not None and plan.get('key') != plan_key:
         legacy = previous is not None and plan.get('key') == _plan_key(previous, tpath, device) and \
-            _as_json(config_from_legacy(previous)) == _as_json(cfg)
+            _as_json(comparable_config(previous)) == _as_json(comparable_config(cfg))
         plan = dict(plan, key=plan_key) if legacy else None
         if legacy:
             with open(plan_path, 'w') as f:

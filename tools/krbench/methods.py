@@ -24,7 +24,7 @@ import copy
 
 __all__ = ['PIXEL_OPT', 'OPTION_KEYS', 'PROTOCOL_KEYS', 'LEGACY_KEYS', 'ABLATION_KEYS', 'check_method',
            'method_options', 'is_metakd', 'meta_every', 'canonical', 'from_legacy', 'config_from_legacy',
-           'ablation_block']
+           'comparable_config', 'ablation_block']
 
 #: the student's reconstruction loss in every method (and MetaKD's meta objective)
 PIXEL_OPT = {'type': 'L1Loss', 'loss_weight': 1.0}
@@ -192,6 +192,14 @@ def config_from_legacy(cfg: dict) -> dict:
     abl = cfg.get('ablations') or {}
     if abl.get('variants'):
         abl['variants'] = {v: _legacy_variant(vc) for v, vc in abl['variants'].items()}
+    return cfg
+
+
+def comparable_config(cfg: dict) -> dict:
+    """``cfg`` with every method block in :func:`canonical` form (and the ablation variants in the
+    option-file vocabulary): two configs that compare equal run the same jobs."""
+    cfg = config_from_legacy(cfg)
+    cfg['methods'] = {m: canonical(b) for m, b in cfg['methods'].items()}
     return cfg
 
 
