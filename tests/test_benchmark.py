@@ -135,7 +135,8 @@ def _equivalence_config():
     meta = cfg['methods']['metakd_exact']
     cfg['methods'] = {'metakd_exact': dict(OUTPUT_KD, **meta),
                       'fitnet_out': dict(OUTPUT_KD, kd_opt=dict(FITNET)),
-                      'fitnet_fastreg': dict(OUTPUT_KD, kd_opt=dict(FITNET), optim_kd={'lr': 5e-2, 'betas': [0.5, 0.9]})}
+                      'fitnet_fastreg': dict(OUTPUT_KD, kd_opt=dict(FITNET),
+                                             optim_kd={'lr': 5e-2, 'betas': [0.5, 0.9]})}
     cfg['ablations'] = None
     cfg['train'].update(seeds=[0], iters=4, min_iters=4, log_every=1)
     return cfg
@@ -244,7 +245,8 @@ def test_method_blocks_are_the_option_blocks():
     assert bench.method_options({}) == {'pixel_opt': bench.PIXEL_OPT}
     opts = bench.method_options({'output_kd_opt': {'type': 'OutputKDLoss', 'loss_weight': 0.5},
                                  'network_kr': {'type': 'KRNet', 'num_kernels': 4},
-                                 'texture_opt': {'type': 'TextureWiseLoss', 'loss_weight': 2.0, 'criterion': 'charbonnier'},
+                                 'texture_opt': {'type': 'TextureWiseLoss', 'loss_weight': 2.0,
+                                                 'criterion': 'charbonnier'},
                                  'optim_kr': {'lr': '1e-2'}, 'meta': {'every': 4}, 'start_fraction': 0.5})
     assert opts['output_kd_opt'] == {'type': 'OutputKDLoss', 'loss_weight': 0.5}
     assert opts['network_kr'] == {'type': 'KRNet', 'num_kernels': 4}
