@@ -780,6 +780,14 @@ def _as_json(obj):
     return json.loads(json.dumps(obj))
 
 
+def _same_block(old: dict, new: dict) -> bool:
+    try:
+        old = canonical(old)
+    except (KeyError, TypeError, ValueError):  # a recorded block that no config may hold now: not this one
+        return False
+    return _as_json(old) == _as_json(canonical(new))
+
+
 def reusable(spec: dict, log_fn=None) -> bool:
     """A finished run of this name whose recorded method block trains what this one does (runs
     written before the block was recorded are reused as they are; a block recorded in the first
@@ -790,7 +798,7 @@ def reusable(spec: dict, log_fn=None) -> bool:
         return False
     with open(path) as f:
         old = json.load(f).get('method_cfg')
-    if old is None or _as_json(canonical(old)) == _as_json(canonical(spec['method_cfg'])):
+    if old is None or _same_block(old, spec['method_cfg']):
         return True
     if log_fn is not None:
         log_fn(f'{spec["name"]}: the method block changed since this run was trained: retraining it')
