@@ -32,6 +32,10 @@ class KDSRModel(TeacherStudentModel):
 
     def build_algorithm(self):
         train_opt = self.opt['train']
+        if not any(train_opt.get(k) for k in ('output_kd_opt', 'kd_opt', 'upcycle_opt')):
+            raise ValueError('train: KDSRModel has no KD term; set train.output_kd_opt (on the SR outputs), '
+                           'train.kd_opt (per distillation point, with kd.teacher_layers / kd.student_layers) or '
+                           'train.upcycle_opt (DUKD). Without a teacher, train with model_type: SRModel')
         return build_distiller(self.net_t, self.net_g, self.kd_opt['teacher_layers'], self.kd_opt['student_layers'],
                                kd_opt=train_opt.get('kd_opt'), output_kd_opt=train_opt.get('output_kd_opt'),
                                upcycle_opt=train_opt.get('upcycle_opt'),
