@@ -33,7 +33,7 @@ from basicsr.utils.registry import MODEL_REGISTRY
 
 from ..build import BASICSR_KEYS, build_metakd, build_optimizer
 from ..io import load_weights
-from ..meta_options import META_DEFAULTS, check_number
+from ..meta_options import META_DEFAULTS, REMOVED_META_KEYS, check_number, check_removed
 from ..option_checks import check_keys
 from .teacher_model import TeacherStudentModel, extend_keys
 
@@ -52,6 +52,7 @@ class MetaKDModel(TeacherStudentModel):
         meta = opt.get('meta') or {}  # checked once, by build_metakd (meta.dataset: here)
         if not isinstance(meta, Mapping):
             raise TypeError(f'meta: must be a mapping of MetaKD\'s meta options, got {type(meta).__name__}')
+        check_removed(meta, 'meta', REMOVED_META_KEYS)  # says what replaced it
         check_keys(meta, (*META_DEFAULTS, 'dataset'), 'meta')
         meta = dict(meta)
         if (opt.get('datasets') or {}).get('meta'):
