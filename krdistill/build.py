@@ -238,7 +238,9 @@ def build_distiller(teacher: nn.Module | None, student: nn.Module, teacher_layer
     """A hand-crafted :class:`~krdistill.distiller.Distiller`: ``kd_opt`` per distillation point
     (features are recorded only when it is set), ``output_kd_opt`` on the outputs, ``pixel_opt``
     (a loss block, a callable, or None for no pixel term), ``upcycle_opt`` DUKD's data upcycling
-    (:mod:`krdistill.upcycle`). ``shapes``: a :func:`probe_pairs` result already computed."""
+    (:mod:`krdistill.upcycle`). ``shapes``: a :func:`probe_pairs` result already computed; without it,
+    every run with a teacher makes one dummy forward of both networks (scales and output channels
+    agree, before the first step)."""
     keys = {**DEFAULT_KEYS, **(keys or {})}
     tl, sl = _pairs(teacher_layers, student_layers, keys)
     pair_losses = []
@@ -253,6 +255,8 @@ def build_distiller(teacher: nn.Module | None, student: nn.Module, teacher_layer
         tl, sl = [], []  # record features only when a per-point loss uses them
     output_loss = build_module(output_kd_opt, 'loss', keys['output_kd_opt'], resolve) if output_kd_opt else None
     pixel_loss = build_module(pixel_opt, 'loss', keys['pixel_opt'], resolve) if pixel_opt is not None else None
+    if shapes is None and teacher is not None and (output_loss is not None or upcycle_opt is not None):
+        shapes = probe_pairs(teacher, student, [], [], example_input, keys)  # scale and channels, before step 1
     upcycle = _upcycler(upcycle_opt, teacher, student, shapes, example_input, keys)
     uses_teacher = tl or output_loss is not None or upcycle is not None
     return Distiller(teacher if uses_teacher else None, student, tl, sl, pair_losses=pair_losses,
