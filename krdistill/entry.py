@@ -23,7 +23,9 @@ unpatched BasicSR afterwards):
 3. ``--launcher pytorch`` on a machine without CUDA: gloo instead of NCCL, no
    ``torch.cuda.set_device``.
 
-Before any of it, :func:`check_command_line` reads the ``-opt`` file with the safe loader of
+Before any of it, :func:`check_option_file_keys` runs the model's known-key check on the ``-opt``
+file (BasicSR would make a folder for an unknown ``path:`` key), and
+:func:`check_command_line` reads the ``-opt`` file with the safe loader of
 :mod:`krdistill.io` and refuses a Python tag (or a ``--force_yml`` that BasicSR would run as
 code), naming the file and the tag; during the run BasicSR's ``parse_options`` reads the file with
 the same safe loader (``basicsr.utils.options.ordered_yaml`` swapped like the globals above).

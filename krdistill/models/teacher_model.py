@@ -21,6 +21,12 @@ YAML (see ``options/``)::
     train:
       max_nonfinite: 10   # skipped iterations in a row before training stops
 
+Before BasicSR builds anything, every key of the top level, ``train``, ``path``, ``network_g`` and
+``network_t`` must be known (``option_keys``, which subclasses extend; :mod:`krdistill.option_checks`)
+and the networks' channels must be the data's; the other blocks are checked where they are read.
+Every run then makes one dummy forward of teacher and student (:meth:`_probe`: scale, output
+channels, the distillation points), and a ``KDSRModel`` needs a KD term.
+
 The teacher is built with BasicSR's ``build_network`` (its registry name resolution), loaded with
 ``weights_only=True``, frozen (``eval``, ``requires_grad_(False)``), run under ``no_grad``, never
 DDP-wrapped and never saved. At inference (``is_train: false``) the model is a plain ``SRModel``.
