@@ -27,6 +27,7 @@ from .losses.kd_loss import ATLoss, FAKDLoss, FitNetLoss, OutputKDLoss, PixelLos
 from .losses.texture_loss import TextureWiseLoss
 from .meta_options import REMOVED_KRNET_KEYS, check_meta_options, check_number, check_removed
 from .metakd import MetaKD
+from .option_checks import check_keys, signature_keys
 from .upcycle import Upcycler
 
 __all__ = ['ARCHS', 'LOSSES', 'OPTIMIZERS', 'default_resolver', 'build_module', 'build_optimizer',
@@ -109,15 +110,12 @@ def build_module(opt: Any, kind: str, key: str, resolve: Callable | None = None,
     for k in filled:
         if k in opt:
             raise KeyError(f'{key}.{k}: do not set it; it is read from the networks')
+    params = signature_keys(cls)
+    if params is not None:
+        check_keys(opt, params, key)  # before the numbers: a misspelled key names its nearest key
     if 'loss_weight' in opt:
         check_number(opt['loss_weight'], f'{key}.loss_weight', minimum=0)
-    try:
-        import inspect
-        params = inspect.signature(cls).parameters
-        accepts_any = any(p.kind == p.VAR_KEYWORD for p in params.values())
-    except (TypeError, ValueError):
-        params, accepts_any = {}, True
-    kwargs = {k: v for k, v in filled.items() if accepts_any or k in params}
+    kwargs = {k: v for k, v in filled.items() if params is None or k in params}
     try:
         return cls(**opt, **kwargs)
     except TypeError as e:
@@ -134,6 +132,9 @@ def build_optimizer(opt: Mapping | None, params: Sequence[nn.Parameter] | Sequen
     cls = OPTIMIZERS.get(typ) if isinstance(typ, str) else typ
     if not isinstance(cls, type):
         raise NotImplementedError(f'{key}.type: {typ!r} is not supported; use one of {sorted(OPTIMIZERS)}')
+    known = signature_keys(cls, skip=('self', 'params'))
+    if known is not None:
+        check_keys(opt, known, key)
     if 'lr' not in opt:
         raise KeyError(f'{key}.lr: required')
     check_number(opt['lr'], f'{key}.lr', minimum=0)
@@ -181,12 +182,27 @@ def probe_pairs(teacher: nn.Module, student: nn.Module, teacher_layers: Sequence
         example_input = torch.rand(1, _first_in_channels(student), 16, 16, generator=gen)
     param = next(iter(unwrap(student).parameters()), None)
     example_input = example_input.to(device, param.dtype if param is not None and param.is_floating_point() else None)
-    out_t, shapes_t = probe(teacher, teacher_layers, example_input, key=keys['teacher_layers'])
-    out_s, shapes_s = probe(student, student_layers, example_input, key=keys['student_layers'])
+    out_t, shapes_t = _probe_one(teacher, teacher_layers, example_input, keys['teacher_layers'],
+                                 keys.get('teacher', 'teacher'))
+    out_s, shapes_s = _probe_one(student, student_layers, example_input, keys['student_layers'],
+                                 keys.get('student', 'student'))
     if out_t[-2:] != out_s[-2:]:
         raise ValueError(f'scale mismatch: on a {tuple(example_input.shape)} input the teacher gives {out_t} and the '
                          f'student {out_s}; teacher and student must upscale alike')
-    return dict(teacher=shapes_t, student=shapes_s, scale=out_s[-1] // example_input.shape[-1])
+    if out_t[1] != out_s[1]:
+        raise ValueError(f'channel mismatch: on a {tuple(example_input.shape)} input the teacher gives {out_t[1]}-'
+                         f'channel images and the student {out_s[1]}-channel ones; set {keys.get("teacher", "teacher")}'
+                         f'.num_out_ch / {keys.get("student", "student")}.num_out_ch alike')
+    return dict(teacher=shapes_t, student=shapes_s, scale=out_s[-1] // example_input.shape[-1], channels=out_s[1])
+
+
+def _probe_one(net: nn.Module, layers: Sequence[str], lq: torch.Tensor, layers_key: str, net_key: str):
+    """:func:`~krdistill.distiller.probe`; a forward that fails names the network's option key."""
+    try:
+        return probe(net, layers, lq, key=layers_key)
+    except RuntimeError as e:
+        raise RuntimeError(f'{net_key}: one dummy forward on a {tuple(lq.shape)} LR input failed before training '
+                           f'(check {net_key}.num_in_ch and the other sizes of {net_key}): {e}') from e
 
 
 def _pairs(teacher_layers, student_layers, keys) -> tuple[list[str], list[str]]:
@@ -203,11 +219,13 @@ def _pairs(teacher_layers, student_layers, keys) -> tuple[list[str], list[str]]:
 
 
 #: option names in error messages: the argument names by default ...
-DEFAULT_KEYS = dict(teacher_layers='teacher_layers', student_layers='student_layers', network_kr='network_kr',
+DEFAULT_KEYS = dict(teacher='teacher', student='student', teacher_layers='teacher_layers',
+                    student_layers='student_layers', network_kr='network_kr',
                     texture_opt='texture_opt', output_kd_opt='output_kd_opt', pixel_opt='pixel_opt',
                     kd_opt='kd_opt', meta='meta', upcycle_opt='upcycle_opt')
 #: ... and the YAML keys for BasicSR option files
-BASICSR_KEYS = dict(teacher_layers='kd.teacher_layers', student_layers='kd.student_layers', network_kr='network_kr',
+BASICSR_KEYS = dict(teacher='network_t', student='network_g', teacher_layers='kd.teacher_layers',
+                    student_layers='kd.student_layers', network_kr='network_kr',
                     texture_opt='train.texture_opt', output_kd_opt='train.output_kd_opt', pixel_opt='train.pixel_opt',
                     kd_opt='train.kd_opt', meta='meta', upcycle_opt='train.upcycle_opt')
 
@@ -220,7 +238,9 @@ def build_distiller(teacher: nn.Module | None, student: nn.Module, teacher_layer
     """A hand-crafted :class:`~krdistill.distiller.Distiller`: ``kd_opt`` per distillation point
     (features are recorded only when it is set), ``output_kd_opt`` on the outputs, ``pixel_opt``
     (a loss block, a callable, or None for no pixel term), ``upcycle_opt`` DUKD's data upcycling
-    (:mod:`krdistill.upcycle`). ``shapes``: a :func:`probe_pairs` result already computed."""
+    (:mod:`krdistill.upcycle`). ``shapes``: a :func:`probe_pairs` result already computed; without it,
+    every run with a teacher makes one dummy forward of both networks (scales and output channels
+    agree, before the first step)."""
     keys = {**DEFAULT_KEYS, **(keys or {})}
     tl, sl = _pairs(teacher_layers, student_layers, keys)
     pair_losses = []
@@ -235,6 +255,8 @@ def build_distiller(teacher: nn.Module | None, student: nn.Module, teacher_layer
         tl, sl = [], []  # record features only when a per-point loss uses them
     output_loss = build_module(output_kd_opt, 'loss', keys['output_kd_opt'], resolve) if output_kd_opt else None
     pixel_loss = build_module(pixel_opt, 'loss', keys['pixel_opt'], resolve) if pixel_opt is not None else None
+    if shapes is None and teacher is not None and (output_loss is not None or upcycle_opt is not None):
+        shapes = probe_pairs(teacher, student, [], [], example_input, keys)  # scale and channels, before step 1
     upcycle = _upcycler(upcycle_opt, teacher, student, shapes, example_input, keys)
     uses_teacher = tl or output_loss is not None or upcycle is not None
     return Distiller(teacher if uses_teacher else None, student, tl, sl, pair_losses=pair_losses,

@@ -23,7 +23,9 @@ unpatched BasicSR afterwards):
 3. ``--launcher pytorch`` on a machine without CUDA: gloo instead of NCCL, no
    ``torch.cuda.set_device``.
 
-Before any of it, :func:`check_command_line` reads the ``-opt`` file with the safe loader of
+Before any of it, :func:`check_option_file_keys` runs the model's known-key check on the ``-opt``
+file (BasicSR would make a folder for an unknown ``path:`` key), and
+:func:`check_command_line` reads the ``-opt`` file with the safe loader of
 :mod:`krdistill.io` and refuses a Python tag (or a ``--force_yml`` that BasicSR would run as
 code), naming the file and the tag; during the run BasicSR's ``parse_options`` reads the file with
 the same safe loader (``basicsr.utils.options.ordered_yaml`` swapped like the globals above).
@@ -53,7 +55,8 @@ from typing import Any, Iterator
 __all__ = ['run_pipeline', 'basicsr_overrides', 'load_resume_state', 'find_resume_state', 'iteration_problem',
            'resume_map_location',
            'check_resume', 'check_dataset_phases', 'init_dist_pytorch', 'check_command_line', 'force_yml_problem',
-           'basicsr_option_problem', 'basicsr_train_problem', 'check_basicsr_train', 'KRDISTILL_MODEL_TYPES']
+           'basicsr_option_problem', 'basicsr_train_problem', 'check_basicsr_train', 'check_option_file_keys',
+           'KRDISTILL_MODEL_TYPES']
 
 #: model types of krdistill (the autoload check leaves every other model type to BasicSR)
 KRDISTILL_MODEL_TYPES = ('KDSRModel', 'MetaKDModel')
@@ -75,6 +78,8 @@ def run_pipeline(module: str, func: str, argv: list[str] | None, root_path: str 
     import krdistill  # noqa: F401
     import krdistill.data  # noqa: F401  (CheckedPairedImageDataset, CheckedSingleImageDataset)
 
+    if module == 'basicsr.train':
+        check_option_file_keys(sys.argv[1:] if argv is None else list(argv))  # before any folder is made
     _reset_basicsr_logger()
     pipeline = getattr(importlib.import_module(module), func)
     saved = sys.argv
@@ -345,6 +350,25 @@ def check_command_line(argv: list[str]) -> None:
         if problem:
             raise ValueError(f'--force_yml {entry!r}: {problem}; krdistill refuses it, since BasicSR would run it as '
                              'Python code. Give key:path=value with a plain value.')
+
+
+def check_option_file_keys(argv: list[str]) -> None:
+    """The known-key check of a krdistill model (its ``option_keys``, :mod:`krdistill.option_checks`)
+    on the ``-opt`` file, before BasicSR makes the experiment folders (it would make one for any
+    unknown ``path:`` key). The model repeats the check when it is built (under any entry point)."""
+    from basicsr.utils.registry import MODEL_REGISTRY
+
+    from .option_checks import check_option_keys
+    try:
+        args = _basicsr_args(argv)
+    except ValueError:
+        return
+    opt = _load_opt(args)
+    if opt is None or not isinstance(opt.get('model_type'), str) or opt['model_type'] not in MODEL_REGISTRY:
+        return
+    known = getattr(MODEL_REGISTRY.get(opt['model_type']), 'option_keys', None)
+    if known is not None:
+        check_option_keys(opt, known)
 
 
 # ------------------------------------------------------------------------------------------ dist

@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping, Sequence
 
+from .option_checks import check_keys
+
 __all__ = ['MetaOptions', 'META_DEFAULTS', 'REMOVED_META_KEYS', 'REMOVED_KRNET_KEYS', 'check_meta_options',
            'check_removed', 'check_number']
 
@@ -104,11 +106,9 @@ def check_meta_options(meta: Mapping | MetaOptions | None, key: str = 'meta',
         return meta
     if meta is not None and not isinstance(meta, Mapping):
         raise TypeError(f'{key}: must be a mapping of {sorted(META_DEFAULTS)}, got {type(meta).__name__}')
+    check_removed(meta or {}, key, REMOVED_META_KEYS)
+    check_keys(meta or {}, (*META_DEFAULTS, *extra_keys), key)
     meta = {k: v for k, v in (meta or {}).items() if k not in extra_keys}
-    check_removed(meta, key, REMOVED_META_KEYS)
-    unknown = sorted(set(meta) - set(META_DEFAULTS))
-    if unknown:
-        raise KeyError(f'{key}: unknown key(s) {unknown}; allowed: {sorted(set(META_DEFAULTS) | set(extra_keys))}')
     out = dict(META_DEFAULTS, **meta)
     for k, choices in _CHOICES.items():
         if (k, out[k]) in REMOVED_VALUES:

@@ -57,6 +57,7 @@ import torch
 from torch import nn
 
 from .losses.kd_loss import PixelLoss
+from .option_checks import check_keys
 from .resize import contributions
 
 __all__ = ['UpcycleOptions', 'Upcycled', 'Upcycler', 'check_upcycle_options', 'zoom_in_tiles', 'zoom_out',
@@ -100,12 +101,7 @@ def check_upcycle_options(opt: Mapping | UpcycleOptions | None, key: str = 'upcy
         raise TypeError(f'{key}: must be a mapping like {{zoom_in: 1, zoom_out: true, aug_prob: 0.3}}, '
                         f'got {type(opt).__name__}')
     known = [f.name for f in dataclasses.fields(UpcycleOptions)]
-    for k in opt:
-        if k not in known:
-            import difflib
-            near = difflib.get_close_matches(str(k), known, n=1)
-            hint = f'; did you mean {key}.{near[0]}?' if near else ''
-            raise KeyError(f'{key}.{k}: unknown key{hint} (known: {known})')
+    check_keys(opt, known, key)
     o = dict(opt)
     out = UpcycleOptions(
         zoom_in=_number(o.get('zoom_in', 1), f'{key}.zoom_in', 0, scale * scale if scale else None, integer=True),

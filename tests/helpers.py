@@ -50,7 +50,13 @@ def save_teacher(path: Path, net_opt: dict = TINY_T, seed: int = 0, key: str = '
 
 
 def tiny_opt(tmp_path: Path, model_type: str = 'KDSRModel', total_iter: int = 4, **train_extra) -> dict:
-    """A complete option dict for a tiny KD run at x2 on synthetic data under ``tmp_path``."""
+    """A complete option dict for a tiny KD run at x2 on synthetic data under ``tmp_path``.
+
+    A ``KDSRModel`` needs a KD term: without ``kd_opt``, ``output_kd_opt`` or ``upcycle_opt`` in
+    ``train_extra`` the run gets output KD (``OutputKDLoss``); pop it to try a run without one.
+    """
+    if model_type == 'KDSRModel' and not any(k in train_extra for k in ('kd_opt', 'output_kd_opt', 'upcycle_opt')):
+        train_extra['output_kd_opt'] = dict(type='OutputKDLoss', loss_weight=1.0)
     tmp_path = Path(tmp_path)
     if not (tmp_path / 'data' / 'HR').is_dir():
         write_pairs(tmp_path / 'data', n=4, size=32, scale=2, seed=0)

@@ -12,7 +12,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PKG = ROOT / 'krdistill'
 FRAMEWORK_FREE = ['features.py', 'distiller.py', 'meta.py', 'meta_options.py', 'meta_objectives.py', 'metakd.py',
-                  'build.py', 'io.py', 'upcycle.py', 'resize.py', 'archs/krnet_arch.py', 'losses/texture_loss.py', 'losses/kd_loss.py']
+                  'build.py', 'io.py', 'option_checks.py', 'upcycle.py', 'resize.py', 'archs/krnet_arch.py', 'losses/texture_loss.py', 'losses/kd_loss.py']
 FORBIDDEN = ('basicsr', 'mmengine', 'mmcv', 'mmagic')
 
 

@@ -452,3 +452,41 @@ def test_bench_protocol_files(path):
             check_removed(kr, f'{path.name}: methods.{name}.network_kr', REMOVED_KRNET_KEYS)
             KRNet(8, 8, **kr)
             check_meta_options(m.get('meta', {}), key=f'{path.name}: methods.{name}.meta')
+
+
+# ------------------------------------------------------------------------------------ known keys
+@per_file
+def test_every_key_is_known(path):
+    """The model's known-key check (krdistill/option_checks.py) passes on the file: the top level,
+    train, path, the network blocks, kd, meta, every KD term and optimizer block."""
+    from krdistill.build import OPTIMIZERS as KNOWN_OPTIMIZERS
+    from krdistill.meta_options import META_DEFAULTS
+    from krdistill.models.teacher_model import check_arch_keys
+    from krdistill.option_checks import check_keys, check_option_keys, signature_keys
+    from krdistill.upcycle import check_upcycle_options
+    opt = load(path)
+    model = MODEL_REGISTRY.get(opt['model_type'])
+    if not hasattr(model, 'option_keys'):
+        pytest.skip(f'{opt["model_type"]} is BasicSR\'s own model')
+    check_option_keys(opt, model.option_keys)
+    for key in ('network_g', 'network_t'):
+        check_arch_keys(opt.get(key), key)
+    kd = opt.get('kd')
+    if isinstance(kd, dict):
+        check_keys(kd, (*model.kd_keys, 'auto', 'points'), 'kd')
+    if opt.get('meta') is not None:
+        check_keys(opt['meta'], (*META_DEFAULTS, 'dataset'), 'meta')
+    train = opt['train']
+    if train.get('upcycle_opt') is not None:
+        check_upcycle_options(train['upcycle_opt'], 'train.upcycle_opt', opt['scale'])
+    for name, block in train.items():
+        if name.startswith('optim_') and isinstance(block, dict) and block.get('type') in KNOWN_OPTIMIZERS:
+            check_keys(block, ('type', *signature_keys(KNOWN_OPTIMIZERS[block['type']], skip=('self', 'params'))),
+                       f'train.{name}')
+        elif name.endswith('_opt') and name != 'upcycle_opt' and isinstance(block, dict) \
+                and block.get('type') in LOSS_REGISTRY:
+            known = signature_keys(LOSS_REGISTRY.get(block['type']))
+            if known is not None:
+                check_keys(block, ('type', *known), f'train.{name}')
+    if opt['model_type'] == 'KDSRModel':
+        assert any(train.get(k) for k in ('output_kd_opt', 'kd_opt', 'upcycle_opt')), 'train: KDSRModel without a KD term'

@@ -18,6 +18,7 @@ regressors) are trained with the student's optimizer (a second param group), sav
 """
 from __future__ import annotations
 
+from basicsr.utils import get_root_logger
 from basicsr.utils.registry import MODEL_REGISTRY
 
 from ..build import BASICSR_KEYS, build_distiller
@@ -32,6 +33,13 @@ class KDSRModel(TeacherStudentModel):
 
     def build_algorithm(self):
         train_opt = self.opt['train']
+        if not any(train_opt.get(k) for k in ('output_kd_opt', 'kd_opt', 'upcycle_opt')):
+            raise ValueError('train: KDSRModel has no KD term; set train.output_kd_opt (on the SR outputs), '
+                           'train.kd_opt (per distillation point, with kd.teacher_layers / kd.student_layers) or '
+                           'train.upcycle_opt (DUKD). Without a teacher, train with model_type: SRModel')
+        if self.kd_opt['student_layers'] and not train_opt.get('kd_opt'):
+            get_root_logger().warning('kd.teacher_layers / kd.student_layers are set but train.kd_opt is not: the '
+                                      'distillation points are checked, not distilled')
         return build_distiller(self.net_t, self.net_g, self.kd_opt['teacher_layers'], self.kd_opt['student_layers'],
                                kd_opt=train_opt.get('kd_opt'), output_kd_opt=train_opt.get('output_kd_opt'),
                                upcycle_opt=train_opt.get('upcycle_opt'),

@@ -33,8 +33,9 @@ from basicsr.utils.registry import MODEL_REGISTRY
 
 from ..build import BASICSR_KEYS, build_metakd, build_optimizer
 from ..io import load_weights
-from ..meta_options import check_number
-from .teacher_model import TeacherStudentModel
+from ..meta_options import META_DEFAULTS, REMOVED_META_KEYS, check_number, check_removed
+from ..option_checks import check_keys
+from .teacher_model import TeacherStudentModel, extend_keys
 
 __all__ = ['MetaKDModel']
 
@@ -43,11 +44,16 @@ __all__ = ['MetaKDModel']
 class MetaKDModel(TeacherStudentModel):
     """SR student distilled through learned knowledge representations (KRNets) and a meta update."""
 
+    option_keys = extend_keys(TeacherStudentModel.option_keys, top=('network_kr', 'meta'),
+                              train=('texture_opt', 'optim_kr'))
+
     def build_algorithm(self):
         opt, train_opt = self.opt, self.opt['train']
         meta = opt.get('meta') or {}  # checked once, by build_metakd (meta.dataset: here)
         if not isinstance(meta, Mapping):
             raise TypeError(f'meta: must be a mapping of MetaKD\'s meta options, got {type(meta).__name__}')
+        check_removed(meta, 'meta', REMOVED_META_KEYS)  # says what replaced it
+        check_keys(meta, (*META_DEFAULTS, 'dataset'), 'meta')
         meta = dict(meta)
         if (opt.get('datasets') or {}).get('meta'):
             raise KeyError('datasets.meta: move this block to meta.dataset (BasicSR\'s loop accepts only train and '

@@ -21,6 +21,12 @@ YAML (see ``options/``)::
     train:
       max_nonfinite: 10   # skipped iterations in a row before training stops
 
+Before BasicSR builds anything, every key of the top level, ``train``, ``path``, ``network_g`` and
+``network_t`` must be known (``option_keys``, which subclasses extend; :mod:`krdistill.option_checks`)
+and the networks' channels must be the data's; the other blocks are checked where they are read.
+Every run then makes one dummy forward of teacher and student (:meth:`_probe`: scale, output
+channels, the distillation points), and a ``KDSRModel`` needs a KD term.
+
 The teacher is built with BasicSR's ``build_network`` (its registry name resolution), loaded with
 ``weights_only=True``, frozen (``eval``, ``requires_grad_(False)``), run under ``no_grad``, never
 DDP-wrapped and never saved. At inference (``is_train: false``) the model is a plain ``SRModel``.
@@ -38,16 +44,29 @@ import torch
 from basicsr.archs import build_network
 from basicsr.models.sr_model import SRModel
 from basicsr.utils import get_root_logger
+from basicsr.utils.registry import ARCH_REGISTRY
 
 from .. import resume as exact_resume
-from ..build import build_optimizer, probe_pairs
+from ..build import BASICSR_KEYS, OPTIMIZERS, build_optimizer, probe_pairs
 from ..io import (CheckpointError, check_finite, load_checkpoint, load_weights, nonfinite_tensors, save_checkpoint,
                   state_dict_from, strip_prefix, write_error_cause)
 from ..metakd import check_number
+from ..option_checks import (BASICSR_TOP_KEYS, BASICSR_TRAIN_KEYS, check_keys, check_option_keys,
+                             signature_keys)
 
-__all__ = ['TeacherStudentModel', 'load_teacher']
+__all__ = ['TeacherStudentModel', 'load_teacher', 'extend_keys', 'check_arch_keys']
 
 KD_KEYS = ('teacher_layers', 'student_layers')
+
+
+def extend_keys(option_keys: dict, **blocks) -> dict:
+    """``option_keys`` of a subclass: the base's plus more keys per block (``top=`` for the top level,
+    ``train=`` for ``train:``)."""
+    out = {k: tuple(v) for k, v in option_keys.items()}
+    for block, keys in blocks.items():
+        name = '' if block == 'top' else block
+        out[name] = out.get(name, ()) + tuple(keys)
+    return out
 
 
 def load_teacher(net: torch.nn.Module, path_opt: dict, resuming: bool = False, resume_iter=None,
@@ -72,17 +91,45 @@ def load_teacher(net: torch.nn.Module, path_opt: dict, resuming: bool = False, r
     get_root_logger().info(f'Teacher loaded from {load_path} ({len(report["loaded"])} tensors, key {param_key!r})')
 
 
+def check_arch_keys(net_opt, key: str) -> None:
+    """The keys of a ``network_*`` block are ``type`` and the arguments of its registered arch (an
+    unknown type, or an arch taking ``**kwargs``, is left to ``build_network``)."""
+    if not isinstance(net_opt, dict) or not isinstance(net_opt.get('type'), str):
+        return
+    try:
+        cls = ARCH_REGISTRY.get(net_opt['type'])  # BasicSR's own name resolution
+    except KeyError:
+        return
+    known = signature_keys(cls)
+    if known is not None:
+        check_keys(net_opt, ('type', *known), key)
+
+
 class TeacherStudentModel(SRModel):
     """``SRModel`` with a frozen teacher and a distillation algorithm (a subclass builds it)."""
 
     #: keys allowed in the ``kd:`` block
     kd_keys = KD_KEYS
+    #: the keys an option file of this model may hold: ``''`` the top level, ``train`` its ``train:``
+    #: block (``path:`` follows from the ``network_<x>`` keys). A subclass extends them with
+    #: :func:`extend_keys`; everything else is refused before the networks are built.
+    option_keys = {'': BASICSR_TOP_KEYS + ('network_t', 'kd'),
+                   'train': BASICSR_TRAIN_KEYS + ('max_nonfinite', 'output_kd_opt', 'kd_opt', 'optim_kd',
+                                                  'upcycle_opt')}
+
+    def __init__(self, opt):
+        check_option_keys(opt, self.option_keys)  # before BasicSR builds or loads anything
+        for key in ('network_g', 'network_t'):
+            check_arch_keys(opt.get(key), key)
+        if opt.get('is_train'):
+            self._check_channel_options(opt)
+        super().__init__(opt)
 
     # ----------------------------------------------------------------- building
     def init_training_settings(self):
         self._build_teacher()
         self.kd_opt = self._kd_block()
-        self.kd_shapes = self._probe() if self.kd_opt['student_layers'] else None
+        self.kd_shapes = self._probe()  # every run: scale and channels, and the distillation points
         self.distiller = self.build_algorithm()
         self.distiller.broadcast_parameters()  # same training-only initialisation on every rank
         self._load_training_only_networks()
@@ -123,9 +170,9 @@ class TeacherStudentModel(SRModel):
                             f'got {kd!r}')
         if kd.get('auto'):
             return self._auto_kd_block(kd)
-        unknown = sorted(set(kd) - set(self.kd_keys))
-        if unknown:
-            raise KeyError(f'kd: unknown key(s) {unknown}; allowed: {sorted(self.kd_keys)}')
+        check_keys(kd, (*self.kd_keys, 'auto', 'points'), 'kd')
+        if 'points' in kd:
+            raise KeyError('kd.points: only with kd.auto: true (or give kd.teacher_layers / kd.student_layers)')
         for key in ('teacher_layers', 'student_layers'):
             value = kd.get(key, [])
             if isinstance(value, str):
@@ -142,9 +189,7 @@ class TeacherStudentModel(SRModel):
         """``kd: auto`` / ``{auto: true, points: N}``: points paired by relative depth along the bodies
         (:func:`krdistill.pairing.auto_pairs`); names given as well override the choice."""
         from ..pairing import auto_pairs, format_pairs
-        unknown = sorted(set(kd) - {'auto', 'points', *self.kd_keys})
-        if unknown:
-            raise KeyError(f'kd: unknown key(s) {unknown} with kd.auto; allowed: auto, points')
+        check_keys(kd, ('auto', 'points', *self.kd_keys), 'kd')
         if kd.get('teacher_layers') or kd.get('student_layers'):
             raise KeyError('kd: give either kd.auto or kd.teacher_layers / kd.student_layers, not both')
         points = check_number(kd.get('points', 1), 'kd.points', minimum=1, integer=True)
@@ -155,14 +200,36 @@ class TeacherStudentModel(SRModel):
                                f'{format_pairs(pairs)}')
         return dict(teacher_layers=[p[0] for p in pairs], student_layers=[p[1] for p in pairs])
 
+    @staticmethod
+    def data_channels(opt: dict) -> tuple[int, str]:
+        """The channels of the training images and why: 1 with ``datasets.train.color: y``, else 3
+        (BasicSR reads every image as BGR)."""
+        train_ds = (opt.get('datasets') or {}).get('train') or {}
+        if train_ds.get('color') == 'y':
+            return 1, 'datasets.train.color: y'
+        return 3, 'BasicSR reads the images as 3-channel BGR; datasets.train.color: y for 1 channel'
+
+    def _check_channel_options(self, opt: dict) -> None:
+        """``num_in_ch`` / ``num_out_ch`` of student and teacher, where given, are the data's channels
+        (an arch may broadcast a wrong count silently, e.g. EDSR's mean)."""
+        channels, why = self.data_channels(opt)
+        for key in ('network_g', 'network_t'):
+            net_opt = opt.get(key)
+            for ch_key in ('num_in_ch', 'num_out_ch'):
+                value = net_opt.get(ch_key) if isinstance(net_opt, dict) else None
+                if value is not None and value != channels:
+                    raise ValueError(f'{key}.{ch_key}: {value}, but the training images have {channels} channel(s) '
+                                     f'({why}); set {key}.{ch_key}: {channels}')
+
     def _probe(self) -> dict:
-        """One dummy forward of each network: module names exist, scales agree, channels known."""
-        in_ch = self.opt['network_g'].get('num_in_ch', 3)
-        lq = torch.rand(1, in_ch, 16, 16, generator=torch.Generator().manual_seed(0)).to(self.device)
+        """One dummy forward of teacher and student on a tiny LR input shaped like the data, for every
+        run: the scales agree with each other and with ``scale``, both give images with the data's
+        channels, and the distillation points exist (their channels are read)."""
+        channels, where = self.data_channels(self.opt)
+        lq = torch.rand(1, channels, 16, 16, generator=torch.Generator().manual_seed(0)).to(self.device)
         try:
             shapes = probe_pairs(self.net_t, self.net_g, self.kd_opt['teacher_layers'],
-                                 self.kd_opt['student_layers'], lq,
-                                 keys=dict(teacher_layers='kd.teacher_layers', student_layers='kd.student_layers'))
+                                 self.kd_opt['student_layers'], lq, keys=BASICSR_KEYS)
         except ValueError as e:
             if 'scale mismatch' in str(e):
                 raise ValueError(f'{e}; set network_t.upscale / network_g.upscale to match scale') from e
@@ -171,6 +238,10 @@ class TeacherStudentModel(SRModel):
         if scale is not None and shapes['scale'] != scale:
             raise ValueError(f'scale mismatch: the networks upscale x{shapes["scale"]}, option scale is x{scale}; '
                              'set network_t.upscale / network_g.upscale to match scale')
+        if shapes['channels'] != channels:
+            raise ValueError(f'network_g.num_out_ch: the student gives {shapes["channels"]}-channel images, but the '
+                             f'training images have {channels} channel(s) ({where}); set network_g.num_out_ch and '
+                             f'network_t.num_out_ch to {channels}')
         return shapes
 
     def pixel_terms(self, sr, gt) -> OrderedDict:
@@ -198,9 +269,14 @@ class TeacherStudentModel(SRModel):
         train_opt = self.opt['train']
         groups = [{'params': [p for p in self.net_g.parameters() if p.requires_grad]}]
         kd_params = self.distiller.kd_parameters()
+        overrides = train_opt.get('optim_kd') or {}
+        g_type = train_opt['optim_g'].get('type') if isinstance(train_opt.get('optim_g'), dict) else None
+        known = signature_keys(OPTIMIZERS[g_type], skip=('self', 'params')) if g_type in OPTIMIZERS else None
+        if known is not None:
+            check_keys(overrides, known, 'train.optim_kd')  # overrides of train.optim_g's settings
         if kd_params:
             group = {'params': kd_params}
-            group.update(deepcopy(train_opt.get('optim_kd') or {}))  # optional overrides, e.g. lr
+            group.update(deepcopy(overrides))  # optional overrides, e.g. lr
             if 'lr' in group:
                 check_number(group['lr'], 'train.optim_kd.lr', minimum=0)
             groups.append(group)
