@@ -305,3 +305,18 @@ def test_real_esrgan_models_on_cpu_with_cuda_stubbed(tmp_path, monkeypatch, mode
     assert torch.equal(seen[-1], model.lq)  # the teacher saw the student's degraded input
     logs = model.get_current_log()
     assert ('l_g_gan' in logs and 'l_kd_out' in logs) if 'GAN' in model_type else 'l_texture' in logs
+
+
+@pytest.mark.parametrize('model_type,missing', [('KDRealESRGANModel', 'jpeg_range2'), ('KDRealESRGANModel', 'gan_gt_usm'),
+                                                ('MetaKDRealESRNetModel', 'gt_usm'),
+                                                ('KDRealESRNetModel', 'resize_prob')])
+def test_real_esrgan_degradation_keys_checked_before_iteration_1(tmp_path, monkeypatch, model_type, missing):
+    monkeypatch.setattr(torch.nn.Module, 'cuda', lambda self, *a, **k: self)
+    opt = gan_opt(tmp_path, model_type) if 'GAN' in model_type else tiny_opt(tmp_path, model_type=model_type)
+    if model_type.startswith('Meta') and 'GAN' not in model_type:
+        opt = tiny_metakd_opt(tmp_path)
+        opt['model_type'] = model_type
+    opt.update(copy.deepcopy(REAL_DEGRADATION))
+    opt.pop(missing)
+    with pytest.raises(KeyError, match=missing):
+        build_model(opt)

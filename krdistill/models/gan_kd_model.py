@@ -59,6 +59,34 @@ __all__ = ['GANDistillMixin', 'KDSRGANModel', 'KDESRGANModel', 'MetaKDSRGANModel
            'GAN_MODEL_TYPES']
 
 
+#: the top-level keys BasicSR's Real-ESRGAN models read in ``feed_data`` (second-order degradations)
+DEGRADATION_KEYS = ('resize_prob', 'resize_range', 'gaussian_noise_prob', 'noise_range', 'poisson_scale_range',
+                    'gray_noise_prob', 'jpeg_range', 'second_blur_prob', 'resize_prob2', 'resize_range2',
+                    'gaussian_noise_prob2', 'noise_range2', 'poisson_scale_range2', 'gray_noise_prob2', 'jpeg_range2',
+                    'gt_size')
+
+
+def check_degradation_options(opt: dict) -> None:
+    """Before iteration 1: the degradation keys ``feed_data`` of the Real-ESRGAN models would read at
+    iteration 1 (only with ``high_order_degradation``, BasicSR's default true)."""
+    if not opt.get('high_order_degradation', True):
+        return
+    missing = [k for k in DEGRADATION_KEYS if k not in opt]
+    if missing:
+        raise KeyError(f'{missing[0]}: {opt["model_type"]} synthesises its LR input in feed_data and needs the '
+                       f'top-level degradation keys (missing: {missing}); see options/train/gan/')
+
+
+class _RealDegradationChecks:
+    """``RealESRNetModel``'s options checked before anything is built."""
+
+    def init_training_settings(self):
+        if self.opt.get('high_order_degradation', True) and 'gt_usm' not in self.opt:
+            raise KeyError(f'gt_usm: {self.opt["model_type"]} needs it (true: train on the USM-sharpened GT)')
+        check_degradation_options(self.opt)
+        super().init_training_settings()
+
+
 class GANDistillMixin:
     """The distillation terms in the generator step of a BasicSR GAN model.
 
@@ -97,6 +125,7 @@ class GANDistillMixin:
             for key in ('l1_gt_usm', 'percep_gt_usm', 'gan_gt_usm'):
                 if key not in opt:
                     raise KeyError(f'{key}: {name} needs it (true: the USM-sharpened GT is that loss\'s target)')
+            check_degradation_options(opt)
 
     def setup_optimizers(self):
         super().setup_optimizers()  # the student (and KD regressors; MetaKD: optimizer_kr)
@@ -275,13 +304,13 @@ class MetaKDRealESRGANModel(GANDistillMixin, MetaKDModel, RealESRGANModel):
 
 
 @MODEL_REGISTRY.register()
-class KDRealESRNetModel(KDSRModel, RealESRNetModel):
+class KDRealESRNetModel(_RealDegradationChecks, KDSRModel, RealESRNetModel):
     """BasicSR's ``RealESRNetModel`` (the PSNR stage: degradations in ``feed_data``, GPU only) with
     hand-crafted KD; the teacher sees the degraded input."""
 
 
 @MODEL_REGISTRY.register()
-class MetaKDRealESRNetModel(MetaKDModel, RealESRNetModel):
+class MetaKDRealESRNetModel(_RealDegradationChecks, MetaKDModel, RealESRNetModel):
     """BasicSR's ``RealESRNetModel`` (GPU only) with MetaKD."""
 
 
