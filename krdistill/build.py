@@ -279,10 +279,12 @@ def build_metakd(teacher: nn.Module, student: nn.Module, teacher_layers: Sequenc
                  texture_opt: Mapping | nn.Module | None = None, output_kd_opt: Mapping | nn.Module | None = None,
                  pixel_opt: Any = None, meta: Mapping | None = None, meta_data: Iterable | None = None,
                  example_input=None, resolve: Callable | None = None, keys: Mapping[str, str] | None = None,
-                 shapes: dict | None = None, upcycle_opt: Mapping | None = None) -> MetaKD:
+                 shapes: dict | None = None, upcycle_opt: Mapping | None = None,
+                 meta_loss: Callable | None = None) -> MetaKD:
     """:class:`~krdistill.metakd.MetaKD` from the option blocks (defaults: ``KRNet``,
     ``TextureWiseLoss``, L1 pixel loss, no output KD, :class:`~krdistill.meta_options.MetaOptions`).
-    ``meta`` is checked here, once; errors name the YAML key (``keys``).
+    ``meta`` is checked here, once; errors name the YAML key (``keys``). ``meta_loss``: the meta
+    objective's criterion when it is not the pixel loss (:class:`~krdistill.metakd.MetaKD`).
     One KRNet per distillation point; ``s_channels`` / ``t_channels`` read from the networks."""
     keys = {**DEFAULT_KEYS, **(keys or {})}
     tl, sl = _pairs(teacher_layers, student_layers, keys)
@@ -304,4 +306,4 @@ def build_metakd(teacher: nn.Module, student: nn.Module, teacher_layers: Sequenc
     upcycle = _upcycler(upcycle_opt, teacher, student, shapes, example_input, keys)
     return MetaKD(teacher, student, tl, sl, krnets, texture_loss=texture_loss, pixel_loss=pixel_loss,
                   output_loss=output_loss, meta=meta, meta_data=meta_data, keys=keys,
-                  upcycle=upcycle).to(_device_of(student))
+                  upcycle=upcycle, meta_loss=meta_loss).to(_device_of(student))

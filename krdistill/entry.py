@@ -59,7 +59,9 @@ __all__ = ['run_pipeline', 'basicsr_overrides', 'load_resume_state', 'find_resum
            'KRDISTILL_MODEL_TYPES']
 
 #: model types of krdistill (the autoload check leaves every other model type to BasicSR)
-KRDISTILL_MODEL_TYPES = ('KDSRModel', 'MetaKDModel')
+KRDISTILL_MODEL_TYPES = ('KDSRModel', 'MetaKDModel', 'KDSRGANModel', 'KDESRGANModel', 'MetaKDSRGANModel',
+                         'MetaKDESRGANModel', 'KDRealESRNetModel', 'KDRealESRGANModel', 'MetaKDRealESRNetModel',
+                         'MetaKDRealESRGANModel')
 #: dataset phases that are no longer ``datasets.<phase>`` blocks -> where they live now
 MOVED_DATASET_PHASES = {'meta': 'meta.dataset'}
 

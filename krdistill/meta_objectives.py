@@ -139,7 +139,7 @@ class OneStep(Objective):
                 return mkd.loss(lq, gt, teacher, theta, point_kwargs=point, upcycled=upcycled)[0]
 
             def meta_loss(theta):
-                return mkd.pixel_loss(functional_call(bare, theta, (lq_meta, )), gt_meta)
+                return mkd.meta_criterion(functional_call(bare, theta, (lq_meta, )), gt_meta)
 
             grads, info = meta_gradient(mkd.student, student_loss, meta_loss, params, lr=0.0, mode=self.options.mode,
                                         fd_eps=self.options.fd_eps, step_fn=step_fn, phase=mkd.phase,
@@ -199,7 +199,7 @@ class Horizon(OneStep):
         bare = unwrap(self.mkd.student)
         named = [(n, p) for n, p in bare.named_parameters() if p.requires_grad]
         with self.mkd.phase('meta_step'):
-            loss = self.mkd.pixel_loss(bare(lq_meta), gt_meta)
+            loss = self.mkd.meta_criterion(bare(lq_meta), gt_meta)
             grads = torch.autograd.grad(loss, [p for _, p in named], allow_unused=True)
             grads = [torch.zeros_like(p) if g is None else g for (_, p), g in zip(named, grads)]
             average_over_ranks(grads)

@@ -91,6 +91,9 @@ class MetaKD(Distiller):
         pixel_loss: ``(sr, gt) -> scalar``; the student's reconstruction loss, also the meta
             objective. Default: L1.
         output_loss: optional output-KD loss added to the student objective (lambda_out).
+        meta_loss: ``(sr, gt) -> scalar``, the meta objective's criterion when it is not ``pixel_loss``
+            (e.g. GAN training: ``pixel_loss`` returns the generator's terms, GAN term included, while the
+            meta objective keeps the reconstruction terms; see ``docs/GAN_KD.md``). Default ``pixel_loss``.
         meta: the ``meta:`` options, a :class:`~krdistill.meta_options.MetaOptions` (a mapping is
             checked by :func:`~krdistill.meta_options.check_meta_options`). ``start``: meta-learning
             starts after iteration ``start``; until then the KRNets stay as initialised, no meta step
@@ -106,7 +109,7 @@ class MetaKD(Distiller):
                  pixel_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
                  output_loss: nn.Module | None = None, meta: MetaOptions | Mapping | None = None,
                  meta_data: Iterable | None = None, keys: Mapping[str, str] | None = None,
-                 upcycle: Upcycler | None = None):
+                 upcycle: Upcycler | None = None, meta_loss: Callable | None = None):
         texture_loss = texture_loss if texture_loss is not None else TextureWiseLoss()
         if not student_layers:
             raise ValueError('MetaKD needs at least one (teacher_module, student_module) distillation point')
@@ -120,6 +123,7 @@ class MetaKD(Distiller):
             raise ValueError(f'{upcycle.key}.steps: MetaKD takes one student step per iteration (its meta '
                              f'objectives follow that step); use steps: 1')
         self.krnets = nn.ModuleList(krnets)
+        object.__setattr__(self, '_meta_loss', meta_loss)  # not a sub-module: it may be a bound method
         self.meta = check_meta_options(meta)
         #: what trains the KRNets (chosen once, here)
         self.objective: Objective = make_objective(self, self.meta)
@@ -127,6 +131,10 @@ class MetaKD(Distiller):
         self.set_meta_data(meta_data)
         self._calls = 0          # train_step calls: the iteration when no `it` is given
         self._last_batch = None  # (lq, gt) of the last iteration whose steps were all taken
+
+    def meta_criterion(self, sr: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
+        """The meta objective's criterion ``L_meta(sr, gt)``: ``meta_loss`` if given, else ``pixel_loss``."""
+        return (self._meta_loss if self._meta_loss is not None else self.pixel_loss)(sr, gt)
 
     # ------------------------------------------------------------------ parameters
     def kr_parameters(self) -> list[nn.Parameter]:

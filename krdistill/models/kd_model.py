@@ -46,4 +46,4 @@ class KDSRModel(TeacherStudentModel):
                                pixel_opt=self.pixel_terms, shapes=self.kd_shapes, keys=BASICSR_KEYS)
 
     def run_iteration(self, current_iter):
-        return self.distiller.train_step(self.lq, self.gt, self.optimizer_g, it=current_iter)
+        return self.distiller.train_step(self.lq, self.step_target(), self.optimizer_g, it=current_iter)

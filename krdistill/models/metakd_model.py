@@ -63,14 +63,16 @@ class MetaKDModel(TeacherStudentModel):
                            'belong to KDSRModel')
         if not train_opt.get('pixel_opt'):
             raise KeyError('train.pixel_opt: MetaKD needs a pixel loss (also the meta objective)')
+        pixel_loss, meta_loss = self.metakd_losses()
         if not self.kd_opt['student_layers']:
             raise ValueError('kd.student_layers / kd.teacher_layers: MetaKD needs at least one distillation point')
         ds_opt = meta.pop('dataset', None)
         mkd = build_metakd(self.net_t, self.net_g, self.kd_opt['teacher_layers'], self.kd_opt['student_layers'],
                            network_kr=opt.get('network_kr'), texture_opt=train_opt.get('texture_opt'),
-                           output_kd_opt=train_opt.get('output_kd_opt'), pixel_opt=train_opt['pixel_opt'],
+                           output_kd_opt=train_opt.get('output_kd_opt'), pixel_opt=pixel_loss,
                            meta=meta, meta_data=self._meta_loader(ds_opt) if ds_opt else None, shapes=self.kd_shapes,
-                           keys=BASICSR_KEYS, upcycle_opt=train_opt.get('upcycle_opt'))
+                           keys=BASICSR_KEYS, upcycle_opt=train_opt.get('upcycle_opt'),
+                           meta_loss=meta_loss)
         self.net_kr = mkd.krnets
         load_path = opt['path'].get('pretrain_network_kr')
         if load_path and not opt['path'].get('resume_state'):
@@ -78,6 +80,12 @@ class MetaKDModel(TeacherStudentModel):
                          opt['path'].get('strict_load_kr', True), key='path.pretrain_network_kr',
                          key_param='path.param_key_kr', key_strict='path.strict_load_kr', log=get_root_logger().warning)
         return mkd
+
+    def metakd_losses(self):
+        """``(pixel_opt, meta_loss)`` for :func:`~krdistill.build.build_metakd`: the student's
+        reconstruction loss (here the ``train.pixel_opt`` block, also the meta objective) and the meta
+        objective's own criterion (None: the pixel loss). The GAN models override it."""
+        return self.opt['train']['pixel_opt'], None
 
     def _meta_loader(self, ds_opt: dict):
         if not isinstance(ds_opt, dict):
@@ -108,7 +116,8 @@ class MetaKDModel(TeacherStudentModel):
         self.optimizers.append(self.optimizer_kr)
 
     def run_iteration(self, current_iter):
-        step = self.distiller.train_step(self.lq, self.gt, self.optimizer_g, self.optimizer_kr, it=current_iter)
+        step = self.distiller.train_step(self.lq, self.step_target(), self.optimizer_g, self.optimizer_kr,
+                                           it=current_iter)
         self._kr_picture(current_iter)
         return step
 

@@ -289,6 +289,11 @@ class TeacherStudentModel(SRModel):
         return build_optimizer(dict(kwargs, type=optim_type, lr=lr), params, 'train.optim_*')
 
     # ----------------------------------------------------------------- training
+    def step_target(self):
+        """The ground truth of the student's reconstruction terms (``self.gt``; the Real-ESRGAN models
+        may use the USM-sharpened GT, see :mod:`krdistill.models.gan_kd_model`)."""
+        return self.gt
+
     def run_iteration(self, current_iter: int):
         """One iteration of the algorithm; returns its :class:`~krdistill.distiller.StepResult`."""
         raise NotImplementedError
