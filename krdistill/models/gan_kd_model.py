@@ -53,6 +53,7 @@ from ..build import build_optimizer
 from ..distiller import all_finite
 from .kd_model import KDSRModel
 from .metakd_model import MetaKDModel
+from .teacher_model import extend_keys
 
 __all__ = ['GANDistillMixin', 'KDSRGANModel', 'KDESRGANModel', 'MetaKDSRGANModel', 'MetaKDESRGANModel',
            'KDRealESRNetModel', 'KDRealESRGANModel', 'MetaKDRealESRNetModel', 'MetaKDRealESRGANModel',
@@ -317,3 +318,10 @@ class MetaKDRealESRNetModel(_RealDegradationChecks, MetaKDModel, RealESRNetModel
 #: the model types of this module
 GAN_MODEL_TYPES = ('KDSRGANModel', 'KDESRGANModel', 'MetaKDSRGANModel', 'MetaKDESRGANModel', 'KDRealESRNetModel',
                    'KDRealESRGANModel', 'MetaKDRealESRNetModel', 'MetaKDRealESRGANModel')
+
+#: top-level keys BasicSR's Real-ESRGAN / Real-ESRNet models read (beyond BasicSR's common ones)
+REAL_TOP_KEYS = DEGRADATION_KEYS + ('high_order_degradation', 'gt_usm', 'l1_gt_usm', 'percep_gt_usm', 'gan_gt_usm',
+                                    'queue_size')
+for _cls in (KDRealESRGANModel, MetaKDRealESRGANModel, KDRealESRNetModel, MetaKDRealESRNetModel):
+    _cls.option_keys = extend_keys(_cls.option_keys, top=REAL_TOP_KEYS)  # the KD / MetaKD model's keys, plus these
+del _cls
