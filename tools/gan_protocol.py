@@ -208,7 +208,8 @@ def seeds_needed(diffs: list[float]) -> int | None:
 
 
 # ------------------------------------------------------------------------------------------ main
-def run(cfg: dict, data_root: Path, out: Path, teacher_ckpt: str | None, smoke: bool) -> dict:
+def run(cfg: dict, data_root: Path, out: Path, teacher_ckpt: str | None, smoke: bool,
+        seeds: list[int] | None = None) -> dict:
     from krbench.benchmark import method_options
     cfg = copy.deepcopy(cfg)
     if smoke:  # tiny settings: a check that the protocol runs end to end, not a measurement
@@ -218,6 +219,11 @@ def run(cfg: dict, data_root: Path, out: Path, teacher_ckpt: str | None, smoke: 
         cfg['train']['seeds'] = SMOKE['seeds']
         cfg['data']['test'] = dict(list(cfg['data']['test'].items())[:SMOKE['tests']])
         cfg['data']['crops'] = next(iter(cfg['data']['test']))
+    if seeds:  # a subset of train.seeds (e.g. to report the seeds finished so far; finished stages are reused)
+        unknown = sorted(set(seeds) - set(cfg['train']['seeds']))
+        if unknown:
+            raise SystemExit(f'error: --seeds {unknown} not in train.seeds {cfg["train"]["seeds"]}')
+        cfg['train']['seeds'] = list(seeds)
     out.mkdir(parents=True, exist_ok=True)
     scale = cfg['scale']
     data = prepare_data(cfg, data_root, out, SMOKE['train_images'] if smoke else None)
@@ -302,10 +308,12 @@ def main(argv=None) -> int:
     p.add_argument('--data-root', required=True, help='folder holding the data.train_hr and data.test folders')
     p.add_argument('--teacher', default=None, help='a trained PSNR teacher checkpoint (its L1 stage); default: train it')
     p.add_argument('--out', required=True, help='output folder (a second call resumes)')
+    p.add_argument('--seeds', type=int, nargs='+', default=None, help='a subset of train.seeds (default: all)')
     p.add_argument('--smoke', action='store_true', help='tiny settings: check that it runs (< 2 min), measure nothing')
     args = p.parse_args(argv)
     torch.set_num_threads(max(1, int(os.environ.get('OMP_NUM_THREADS', torch.get_num_threads()))))
-    run(load_protocol(args.opt), Path(args.data_root).resolve(), Path(args.out).resolve(), args.teacher, args.smoke)
+    run(load_protocol(args.opt), Path(args.data_root).resolve(), Path(args.out).resolve(), args.teacher, args.smoke,
+        args.seeds)
     return 0
 
 

@@ -62,7 +62,7 @@ from ..distiller import freeze_teacher
 from ..io import load_weights
 from .compat import CHECKPOINT_GLOBALS
 
-__all__ = ['MMEngineMetaKDModel', 'MetaKDOptimWrapperConstructor', 'build_sr_network', 'load_teacher', 'resolve']
+__all__ = ['MMEngineMetaKDModel', 'MetaKDOptimWrapperConstructor', 'build_sr_network', 'resolve']
 
 _OPTIM_KEYS = ('student', 'krnets')
 _OPTIM_EXAMPLE = ("optim_wrapper = dict(constructor='MetaKDOptimWrapperConstructor', "
@@ -93,15 +93,6 @@ def build_sr_network(cfg, key: str) -> nn.Module:
     opt = plain(cfg)
     opt.pop('type')
     return cls(**opt)
-
-
-def load_teacher(net: nn.Module, path: str, param_key: str | None = 'params', strict: bool = True,
-                 prefix: str | None = None) -> None:
-    """Load teacher weights (``weights_only``) from a BasicSR (``params``/``params_ema``) or mmengine
-    (``state_dict``) checkpoint, or a bare state dict (``param_key=None``). ``prefix``: keep only
-    keys starting with it, stripped (e.g. ``'generator.'`` for an MMagic SR checkpoint)."""
-    load_weights(net, path, param_key, strict, prefix, key='model.teacher_ckpt', key_param='model.teacher_param_key',
-                 key_strict='model.strict_load_teacher', safe_globals=CHECKPOINT_GLOBALS)
 
 
 def _stack(x):
@@ -140,7 +131,10 @@ class MMEngineMetaKDModel(BaseModel):
         self.student = build_sr_network(student, 'model.student')
         teacher = build_sr_network(teacher, 'model.teacher')
         if teacher_ckpt:
-            load_teacher(teacher, teacher_ckpt, teacher_param_key, strict_load_teacher, teacher_prefix)
+            # the one teacher loader of every front end (krdistill.io.load_weights), keys named as in this config
+            load_weights(teacher, teacher_ckpt, teacher_param_key, strict_load_teacher, teacher_prefix,
+                         key='model.teacher_ckpt', key_param='model.teacher_param_key',
+                         key_strict='model.strict_load_teacher', safe_globals=CHECKPOINT_GLOBALS)
         # Not a sub-module: never saved, never in an optimizer, never wrapped (moved by _apply).
         object.__setattr__(self, 'teacher', freeze_teacher(teacher))
         pairs = [tuple(p) for p in pairs]
