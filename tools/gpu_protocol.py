@@ -119,11 +119,14 @@ def pack(data_root: Path, teacher: Path | None, wheels: Path | None, dest: Path,
     """Write what the run needs into ``dest``: the config's training and test images as lossless
     WebP (the same pixels, about 2/3 of the PNG size; excluded images left out), the teacher
     checkpoint and the wheels. Returns the manifest (also ``dest/MANIFEST.json``)."""
+    return pack_source(data_root, load_protocol(config).get('gpu', {}).get('source', {}), teacher, wheels, dest)
+
+
+def pack_source(data_root: Path, src: dict, teacher: Path | None, wheels: Path | None, dest: Path) -> dict:
+    """:func:`pack` of the folders ``src['folders']`` (relative to ``data_root``) less ``src['exclude']``."""
     import cv2
     import numpy as np
     from krdistill.io import list_images
-    cfg = load_protocol(config)
-    src = cfg.get('gpu', {}).get('source', {})
     exclude = {str(Path(e)) for e in src.get('exclude', [])}
     folders = list(src.get('folders', []))
     dest.mkdir(parents=True, exist_ok=True)
