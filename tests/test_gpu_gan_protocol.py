@@ -24,7 +24,7 @@ TINY_NET = dict(type='EDSR', num_in_ch=3, num_out_ch=3, num_feat=8, num_block=2,
 
 
 def tiny_protocol(tmp: Path) -> Path:
-    """The shipped GPU config with tiny data, networks and targets (10 iterations a stage, 2 seeds)."""
+    """The shipped GPU config with tiny data, networks and targets (4 iterations a stage, 2 seeds)."""
     cfg = yaml.safe_load(SHIPPED.read_text())
     cfg['data'] = dict(train_hr=['Train/HR'], exclude=[], test={'tiny': dict(hr='Test/HR', lr='Test/LR')}, crops='tiny')
     cfg['pool'] = dict(gt_size=32, workers=0)
@@ -33,10 +33,10 @@ def tiny_protocol(tmp: Path) -> Path:
     cfg['gan']['network_d'] = dict(cfg['gan']['network_d'], num_feat=4)
     cfg['kd'] = dict(teacher_layers=['body.1'], student_layers=['body.0'])
     for stage in (cfg['teacher']['l1'], cfg['teacher']['gan'], cfg['train']['l1'], cfg['train']['gan']):
-        stage.update(iters=10, batch=2)
+        stage.update(iters=4, batch=2)
     cfg['degradation']['queue_batches'] = 2
     cfg['train']['seeds'] = [0, 1]
-    cfg['gpu'].update(deadline_s=10 ** 6, step=5, floor_iters=5, workers=2,
+    cfg['gpu'].update(deadline_s=10 ** 6, step=2, floor_iters=2, workers=2,
                       smoke=dict(iters=4, seeds=[0], tests=1, train_images=2),
                       source=dict(folders=['Train/HR', 'Test/HR', 'Test/LR', 'Skip/HR'], exclude=['Train/HR/im3.png']))
     path = tmp / 'gpu_gan_tiny.yml'
@@ -89,8 +89,8 @@ def test_run_writes_at_most_8_files_with_every_row_scored(gpu_run):
     table = (out / 'gan_gpu_results.md').read_text()
     for col in ('PSNR-Y', 'SSIM-Y', 'NIQE', 'PSNR to teacher', 'ΔPSNR vs student_alone', 'seeds needed'):
         assert col in table
-    assert 'Real-ESRGAN' in table and res['plan']['iters'] == dict(teacher_l1=10, teacher_gan=10, student_l1=10,
-                                                                    student_gan=10)  # no deadline pressure
+    assert 'Real-ESRGAN' in table and res['plan']['iters'] == dict(teacher_l1=4, teacher_gan=4, student_l1=4,
+                                                                    student_gan=4)  # no deadline pressure
     crops = cv2.imread(str(out / 'gan_crops.png'))
     assert crops is not None and crops.shape[1] == 5 * (96 * 3 + 8)  # HR, teacher, three rows
     w = torch.load(out / 'gan_gpu_weights.pth', weights_only=True)
@@ -113,7 +113,7 @@ def test_stages_use_the_real_esrgan_models(gpu_run):
     o = opts['output_kd_s0']
     assert o['datasets']['train']['type'] == 'RealESRGANDataset_basicsr' and o['num_gpu'] == 0
     assert o['queue_size'] == 2 * 2 and o['gt_size'] == 32 and o['jpeg_range2'] == [30, 95] and o['l1_gt_usm']
-    assert o['train']['total_iter'] == 10
+    assert o['train']['total_iter'] == 4
 
 
 def test_smoke_times_every_stage_kind(gpu_run):

@@ -25,7 +25,6 @@ Two steps, the first here, the second on the GPU machine (BENCHMARKS.md, "GAN-KD
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import copy
 import json
@@ -215,27 +214,8 @@ def _run(cfg: dict, pack_dir: Path, out: Path, device: str, deadline: float, poo
     return result
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    sub = p.add_subparsers(dest='cmd', required=True)
-    a = sub.add_parser('pack', help='write the data, teacher and wheels the GPU machine lacks into --dest')
-    a.add_argument('--data-root', required=True)
-    a.add_argument('--teacher', default=None, help='the PSNR teacher to fine-tune (the shipped CPU EDSR)')
-    a.add_argument('--wheels', default=None, help='folder of wheels to carry (.whl)')
-    a.add_argument('--dest', default='.gpu')
-    a.add_argument('--config', default=str(CONFIG))
-    b = sub.add_parser('run', help='smoke and clock, plan, the protocol; outputs in --out')
-    b.add_argument('--pack', default='.gpu', help='the folder `pack` wrote')
-    b.add_argument('--out', required=True)
-    b.add_argument('--device', default='cuda')
-    b.add_argument('--config', default=str(CONFIG))
-    b.add_argument('--deadline-s', type=float, default=None, help='seconds from KRD_T0 (default: gpu.deadline_s)')
-    args = p.parse_args(argv)
-    if args.cmd == 'pack':
-        pack(Path(args.data_root), Path(args.teacher) if args.teacher else None,
-             Path(args.wheels) if args.wheels else None, Path(args.dest), args.config)
-    else:
-        run(Path(args.pack), Path(args.out), args.device, args.config, args.deadline_s)
+def main(argv=None) -> int:
+    gp.cli(argv, __doc__.split('\n')[0], str(CONFIG), pack, run)
     return 0
 
 
