@@ -179,3 +179,24 @@ def test_shipped_config_runs_the_cpu_rows_with_real_esrgan(tmp_path):
 def test_cli(cmd):
     r = subprocess.run([sys.executable, str(ROOT / 'tools/gpu_gan_protocol.py')] + cmd, capture_output=True, text=True)
     assert r.returncode == 0 and ('--pack' if cmd[0] == 'run' else '--data-root') in r.stdout
+
+
+def test_a_failed_run_still_returns_the_plan(tmp_path, monkeypatch):
+    """A stage that fails after the smoke: the error is raised, and gan_gpu_results.json holds the
+    plan, the calibration and the error (what comes back from a GPU run that broke)."""
+    config = tiny_protocol(tmp_path)
+    write_pairs(tmp_path / 'pack' / 'data' / 'Test', n=1, size=64, scale=4)
+    names = ['teacher_l1', 'teacher_gan', 'student_l1_s0', 'student_alone_s0', 'output_kd_s0', 'fitnet_out_s0']
+    calls = []
+
+    def fake_run(cfg, data_root, out, teacher, smoke, **kw):
+        calls.append(smoke)
+        if smoke:
+            return dict(timing=dict(stages=dict.fromkeys(names, 1.0), score_s=1.0, scored=5))
+        raise RuntimeError('stage fitnet_out_s1 broke')
+    monkeypatch.setattr(ggp.gan, 'run', fake_run)
+    with pytest.raises(RuntimeError, match='fitnet_out_s1 broke'):
+        ggp.run(tmp_path / 'pack', tmp_path / 'OUT', 'cpu', str(config))
+    saved = json.loads((tmp_path / 'OUT' / 'gan_gpu_results.json').read_text())
+    assert len(calls) == 2 and 'fitnet_out_s1 broke' in saved['error']
+    assert saved['plan']['iters']['student_gan'] == 4 and set(saved['calibration']) >= {'teacher_l1', 'fitnet_out'}

@@ -189,7 +189,14 @@ def _run(cfg: dict, pack_dir: Path, out: Path, device: str, deadline: float, poo
 
     # ---------------------------------------------------------------- 3. the protocol
     t = time.time()
-    res = gan.run(with_iters(cfg, plan['iters']), data_root, work / 'run', teacher, False, device=device, pool=pool)
+    try:
+        res = gan.run(with_iters(cfg, plan['iters']), data_root, work / 'run', teacher, False, device=device,
+                      pool=pool)
+    except BaseException as e:  # what was learnt comes back even so (the traceback is in the command's log)
+        (out / 'gan_gpu_results.json').write_text(json.dumps(dict(
+            info=info, plan=plan, calibration=calib, timing=dict(timing, failed_after_s=time.time() - gp.T0),
+            error=repr(e), smoke_stage_s=smoke['timing']['stages'], config=cfg), indent=1))
+        raise
     timing['run_s'] = time.time() - t
 
     # ---------------------------------------------------------------- 4. outputs
