@@ -60,7 +60,8 @@ def gpu_run(tmp_path_factory):
     mp = pytest.MonkeyPatch()
     try:
         stub_cuda(mp)
-        res = ggp.run(tmp / 'pack', tmp / 'OUT', 'cpu', str(config))
+        mp.chdir(tmp)  # relative paths, as on the GPU machine (--pack .gpu)
+        res = ggp.run(Path('pack'), Path('OUT'), 'cpu', str(config))
     finally:
         mp.undo()
     return dict(tmp=tmp, config=config, man=man, res=res, out=tmp / 'OUT', work=tmp / 'OUT_work')

@@ -287,6 +287,8 @@ def run(cfg: dict, data_root: Path, out: Path, teacher_ckpt: str | None, smoke: 
     settings, a low teacher only warned about. ``results['timing']``: each stage trained by this call
     (seconds), the scoring time and the number of (network, image) scores."""
     from krbench.benchmark import method_options
+    data_root, out = Path(data_root).resolve(), Path(out).resolve()  # every stage runs in ``out`` (chdir)
+    teacher_ckpt = str(Path(teacher_ckpt).resolve()) if teacher_ckpt else None
     if smoke:  # tiny settings: a check that the protocol runs end to end, not a measurement
         cfg = smoke_config(cfg, SMOKE if smoke is True else smoke)
     cfg = copy.deepcopy(cfg)
