@@ -118,7 +118,7 @@ def prepare_data(cfg: dict, data_root: Path, out: Path, limit: int | None) -> Pa
     paths = [p for f in cfg['data']['train_hr'] for p in list_images(data_root / f)
              if str(p.relative_to(data_root)) not in exclude]
     paths = paths[:limit] if limit else paths
-    if cfg['pipeline'] == 'realesrgan':  # RealESRGANDataset pads or crops every image to 400 px itself
+    if cfg.get('pipeline') == 'realesrgan':  # RealESRGANDataset pads or crops every image to 400 px itself
         if not paths:
             raise FileNotFoundError(f'data.train_hr: no training image under {data_root}')
         names = [f'{p.parent.parent.name}_{p.name}' for p in paths]
@@ -150,7 +150,7 @@ def stage_opt(cfg: dict, name: str, data: Path, network_g: dict, stage: dict, se
     """The BasicSR option dict of one training stage."""
     loader = dict(use_shuffle=True, num_worker_per_gpu=int(cfg['pool'].get('workers', 0)),
                   batch_size_per_gpu=stage['batch'], dataset_enlarge_ratio=100, prefetch_mode=None)
-    if cfg['pipeline'] == 'realesrgan':
+    if cfg.get('pipeline') == 'realesrgan':
         train_ds = dict(name='train', type='RealESRGANDataset_basicsr', dataroot_gt=str(data / 'GT'),
                         meta_info=str(data / 'meta_info.txt'), io_backend=dict(type='disk'),
                         **copy.deepcopy(cfg['degradation']['dataset']), gt_size=cfg['pool']['gt_size'],
@@ -171,7 +171,7 @@ def stage_opt(cfg: dict, name: str, data: Path, network_g: dict, stage: dict, se
                path=dict(pretrain_network_g=pretrain, strict_load_g=True, resume_state=None),
                train=train, logger=dict(print_freq=max(1, iters // 10), save_checkpoint_freq=10 ** 9,
                                         use_tb_logger=False))
-    if cfg['pipeline'] == 'realesrgan':  # the top-level keys feed_data reads (second-order degradations)
+    if cfg.get('pipeline') == 'realesrgan':  # the top-level keys feed_data reads (second-order degradations)
         opt.update(copy.deepcopy(cfg['degradation']['model']), gt_size=cfg['pool']['gt_size'],
                    queue_size=stage['batch'] * int(cfg['degradation'].get('queue_batches', 8)))
     if gan:
