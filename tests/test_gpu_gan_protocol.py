@@ -176,6 +176,13 @@ def test_shipped_config_runs_the_cpu_rows_with_real_esrgan(tmp_path):
             ggp.load_protocol(tmp_path / 'bad.yml')
 
 
+def test_cpu_command_line_refuses_the_real_esrgan_pipeline(tmp_path):
+    import gan_protocol
+    with pytest.raises(SystemExit, match=r'call .*\.cuda\(\): use --device cuda'):
+        gan_protocol.main(['-opt', str(SHIPPED), '--data-root', str(tmp_path), '--out', str(tmp_path / 'o')])
+    assert not (tmp_path / 'o').exists()  # refused before anything was written
+
+
 @pytest.mark.parametrize('cmd', [['pack', '--help'], ['run', '--help']])
 def test_cli(cmd):
     r = subprocess.run([sys.executable, str(ROOT / 'tools/gpu_gan_protocol.py')] + cmd, capture_output=True, text=True)

@@ -403,7 +403,11 @@ def main(argv=None) -> int:
     p.add_argument('--device', default='cpu', help='cpu or cuda (pipeline realesrgan: cuda; BasicSR calls .cuda())')
     args = p.parse_args(argv)
     torch.set_num_threads(max(1, int(os.environ.get('OMP_NUM_THREADS', torch.get_num_threads()))))
-    run(load_protocol(args.opt), Path(args.data_root).resolve(), Path(args.out).resolve(), args.teacher, args.smoke,
+    cfg = load_protocol(args.opt)
+    if cfg['pipeline'] == 'realesrgan' and args.device == 'cpu':
+        raise SystemExit(f'error: {args.opt}: pipeline realesrgan trains BasicSR\'s Real-ESRGAN models, which call '
+                         '.cuda(): use --device cuda (on a GPU machine: tools/gpu_gan_protocol.py)')
+    run(cfg, Path(args.data_root).resolve(), Path(args.out).resolve(), args.teacher, args.smoke,
         args.seeds, args.device)
     return 0
 
