@@ -151,3 +151,15 @@ def central_differences(params, fn, h: float = 1e-6) -> torch.Tensor:
             flat_p[i] = old
             numeric.append((lp - lm) / (2 * h))
     return torch.stack(numeric)
+
+
+def stub_cuda(monkeypatch) -> None:
+    """BasicSR's Real-ESRGAN models call ``.cuda()`` (GPU only): for the calling test alone, ``.cuda()``
+    returns its object unchanged and BasicSR's ``filter2D`` gets contiguous tensors (its ``.view``
+    refuses a non-contiguous CPU tensor), so the degradations and both steps run on the CPU."""
+    from basicsr.models import realesrgan_model, realesrnet_model
+    from basicsr.utils.img_process_util import filter2D
+    monkeypatch.setattr(torch.nn.Module, 'cuda', lambda self, *a, **k: self)
+    monkeypatch.setattr(torch.Tensor, 'cuda', lambda self, *a, **k: self)
+    for module in (realesrgan_model, realesrnet_model):
+        monkeypatch.setattr(module, 'filter2D', lambda img, kernel: filter2D(img.contiguous(), kernel))

@@ -119,11 +119,14 @@ def pack(data_root: Path, teacher: Path | None, wheels: Path | None, dest: Path,
     """Write what the run needs into ``dest``: the config's training and test images as lossless
     WebP (the same pixels, about 2/3 of the PNG size; excluded images left out), the teacher
     checkpoint and the wheels. Returns the manifest (also ``dest/MANIFEST.json``)."""
+    return pack_source(data_root, load_protocol(config).get('gpu', {}).get('source', {}), teacher, wheels, dest)
+
+
+def pack_source(data_root: Path, src: dict, teacher: Path | None, wheels: Path | None, dest: Path) -> dict:
+    """:func:`pack` of the folders ``src['folders']`` (relative to ``data_root``) less ``src['exclude']``."""
     import cv2
     import numpy as np
     from krdistill.io import list_images
-    cfg = load_protocol(config)
-    src = cfg.get('gpu', {}).get('source', {})
     exclude = {str(Path(e)) for e in src.get('exclude', [])}
     folders = list(src.get('folders', []))
     dest.mkdir(parents=True, exist_ok=True)
@@ -345,26 +348,32 @@ def _run(cfg: dict, g: dict, pack_dir: Path, out: Path, device: str, deadline: f
     return res
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+def cli(argv, description: str, config: str, pack_fn, run_fn):
+    """The ``pack`` / ``run`` command line of a GPU protocol script (this one, tools/gpu_gan_protocol.py):
+    ``pack_fn(data_root, teacher, wheels, dest, config)``, ``run_fn(pack, out, device, config, deadline_s)``."""
+    p = argparse.ArgumentParser(description=description)
     sub = p.add_subparsers(dest='cmd', required=True)
     a = sub.add_parser('pack', help='write the data, teacher and wheels the GPU machine lacks into --dest')
     a.add_argument('--data-root', required=True)
-    a.add_argument('--teacher', default=None)
+    a.add_argument('--teacher', default=None, help='the teacher checkpoint to carry (teacher.pth there)')
     a.add_argument('--wheels', default=None, help='folder of wheels to carry (.whl)')
     a.add_argument('--dest', default='.gpu')
-    a.add_argument('--config', default=str(ROOT / 'options/bench/gpu_h200_lengths.yml'))
-    b = sub.add_parser('run', help='smoke, prepare, plan, run; outputs in --out')
+    a.add_argument('--config', default=config)
+    b = sub.add_parser('run', help='smoke, plan, runs against the deadline; outputs in --out')
     b.add_argument('--pack', default='.gpu', help='the folder `pack` wrote')
     b.add_argument('--out', required=True)
     b.add_argument('--device', default='cuda')
-    b.add_argument('--config', default=str(ROOT / 'options/bench/gpu_h200_lengths.yml'))
+    b.add_argument('--config', default=config)
     b.add_argument('--deadline-s', type=float, default=None, help='seconds from KRD_T0 (default: the config\'s)')
     args = p.parse_args(argv)
     if args.cmd == 'pack':
-        return pack(Path(args.data_root), Path(args.teacher) if args.teacher else None,
-                    Path(args.wheels) if args.wheels else None, Path(args.dest), args.config)
-    return run(Path(args.pack), Path(args.out), args.device, args.config, args.deadline_s)
+        return pack_fn(Path(args.data_root), Path(args.teacher) if args.teacher else None,
+                       Path(args.wheels) if args.wheels else None, Path(args.dest), args.config)
+    return run_fn(Path(args.pack), Path(args.out), args.device, args.config, args.deadline_s)
+
+
+def main(argv=None):
+    return cli(argv, __doc__.split('\n')[0], str(ROOT / 'options/bench/gpu_h200_lengths.yml'), pack, run)
 
 
 if __name__ == '__main__':
