@@ -289,9 +289,8 @@ def run(cfg: dict, data_root: Path, out: Path, teacher_ckpt: str | None, smoke: 
     from krbench.benchmark import method_options
     data_root, out = Path(data_root).resolve(), Path(out).resolve()  # every stage runs in ``out`` (chdir)
     teacher_ckpt = str(Path(teacher_ckpt).resolve()) if teacher_ckpt else None
-    if smoke:  # tiny settings: a check that the protocol runs end to end, not a measurement
-        cfg = smoke_config(cfg, SMOKE if smoke is True else smoke)
-    cfg = copy.deepcopy(cfg)
+    # smoke: tiny settings, a check that the protocol runs end to end, not a measurement (both copy cfg)
+    cfg = smoke_config(cfg, SMOKE if smoke is True else smoke) if smoke else copy.deepcopy(cfg)
     cfg.setdefault('pipeline', 'paired')
     if seeds:  # a subset of train.seeds (e.g. to report the seeds finished so far; finished stages are reused)
         unknown = sorted(set(seeds) - set(cfg['train']['seeds']))
