@@ -143,3 +143,41 @@ def test_lengths_subset_narrows_rows_and_method_lengths():
     assert 'c' not in cfg['methods']  # its only run (27000, seed 1) is outside the subset
     with pytest.raises(ValueError, match='--lengths'):
         bl.narrow_lengths(dict(cfg), lengths, {9000: None})
+
+
+def test_dukd_zoom_in_2_caches_two_distinct_tiles_per_patch(tmp_path, data_root):  # noqa: F811
+    """``zoom_in: 2``: its own cache of two distinct tiles per pool patch with the teacher's output of
+    each (the one-tile cache of the other rows is unchanged), and the batches pair each tile with
+    its own teacher output."""
+    import torch
+    from krdistill.upcycle import Upcycler
+    cfg = lengths_config()
+    up = {'zoom_in': 1, 'zoom_out': True, 'aug_prob': 0.0}
+    cfg['methods'] = dict(student_alone={}, dukd=dict(OUTPUT_KD, upcycle_opt=up),
+                          dukd_zoom2=dict(OUTPUT_KD, upcycle_opt=dict(up, zoom_in=2)))
+    cfg['lengths'] = {4: [0]}
+    out = tmp_path / 'run'
+    s = bl.run_lengths(cfg, data_root, out, workers=0, plot=False)
+    assert len(list((out / 'cache').glob('upcycle_*/done'))) == 2
+    runs = json.loads((out / 'lengths.json').read_text())['runs']
+    assert runs['dukd_zoom2_s0_i4']['iters'] == 4 and 'l_zoom_in' in runs['dukd_zoom2_s0_i4']['stats'][-1]
+    assert {r['method'] for r in s['lengths'][0]['rows']} == {'student_alone', 'dukd', 'dukd_zoom2'}
+    ctx = bench.prepare(cfg, data_root, out, None, 1)
+    assert sorted(ctx['upcycle_caches']) == [1, 2]
+    spec = bench.job_spec(cfg, ctx, 'z2', 'dukd_zoom2', cfg['methods']['dukd_zoom2'], 0, 4, 1)
+    assert spec['upcycle_cache'] == ctx['upcycle_caches'][2]
+    batches = bench.CachedBatches(spec, torch.device('cpu'))
+    assert batches.zin_tile.shape == (len(batches.hr), 2)
+    assert all(a != b for a, b in batches.zin_tile)  # distinct tiles of each patch
+    lq, gt, _, upd = batches.get(1, Upcycler(cfg['methods']['dukd_zoom2']['upcycle_opt'], cfg['scale']))
+    assert upd.zin.shape[0] == 2 * gt.shape[0] == upd.zin_t.shape[0]
+    teacher = bench.ev.load_network(bench.build_net(cfg['teacher']['network']), ctx['teacher_ckpt']).eval()
+    with torch.no_grad():
+        want = teacher(upd.zin)
+    assert torch.allclose(upd.zin_t, want, atol=2e-2)  # fp16 rows
+    # each tile is the GT patch's own: tile j of sample i is row i*2 + j
+    h = gt.shape[-1] // cfg['scale']
+    i, j = 1, 1
+    t = int(batches.zin_tile[batches.order[0][i], j])
+    r, c = divmod(t, cfg['scale'])
+    assert torch.equal(upd.zin[i * 2 + j], gt[i, :, r * h:(r + 1) * h, c * h:(c + 1) * h])

@@ -72,9 +72,10 @@ METHOD_LABELS = {
     'metakd_late': 'MetaKD (quiz split, late start, horizon)',
     'dukd': 'DUKD (output KD + data upcycling, 1 step)', 'dukd_2step': 'DUKD, 2 optimizer steps (reference)',
     'dukd_fitnet': 'DUKD + FitNet (regressor at lr 1e-2)', 'dukd_eqc': "DUKD at output KD's compute",
+    'dukd_zoom2': 'DUKD, 2 zoom-in tiles per patch', 'dukd_zoom4': 'DUKD, 4 zoom-in tiles per patch',
 }
 HANDCRAFTED = ('output_kd', 'fitnet', 'at', 'fakd', 'fitnet_out', 'fitnet_out_fastreg', 'dukd', 'dukd_2step',
-               'dukd_fitnet')
+               'dukd_fitnet', 'dukd_zoom2', 'dukd_zoom4')
 
 
 def log(*a):
@@ -332,15 +333,19 @@ def precompute_teacher(cfg: dict, pool: Path, ckpt: Path, layers: list[str], cac
     return folder
 
 
-def precompute_upcycle(cfg: dict, pool: Path, ckpt: Path, cache: Path, threads: int, device='cpu') -> Path:
-    """DUKD's upcycled data for every pool patch (once): one zoom-in tile per patch (``zin_tile``,
-    drawn from ``pool.seed``) with the teacher's output of it (``zin_t``), and the teacher's output of
-    the zoomed-out LR patch (``zout_t``), fp16 row files. The rows train exactly as the teacher run
-    online would, except that a patch always brings the same tile (the pool is fixed already)."""
+def precompute_upcycle(cfg: dict, pool: Path, ckpt: Path, cache: Path, threads: int, device='cpu',
+                       zoom_in: int = 1) -> Path:
+    """DUKD's upcycled data for every pool patch (once per ``zoom_in``): ``zoom_in`` distinct zoom-in
+    tiles per patch (``zin_tile``, ``n x zoom_in``, drawn from ``pool.seed``) with the teacher's output
+    of each (``zin_t``, patch-major rows), and the teacher's output of the zoomed-out LR patch
+    (``zout_t``), fp16 row files. The rows train exactly as the teacher run online would, except that
+    a patch always brings the same tiles (the pool is fixed already)."""
     from krdistill.upcycle import zoom_out
     with open(ckpt, 'rb') as f:
         digest = hashlib.sha256(f.read()).hexdigest()
-    key = _hash(dict(pool=pool.name, ckpt=digest, net=cfg['teacher']['network'], what='upcycle-v1'))
+    k = max(1, int(zoom_in))
+    what = dict(pool=pool.name, ckpt=digest, net=cfg['teacher']['network'], what='upcycle-v1')
+    key = _hash(what if k == 1 else dict(what, zoom_in=k))  # one tile: the cache of the runs already made
     folder = cache / f'upcycle_{key}'
     if (folder / 'done').exists():
         return folder
@@ -350,13 +355,15 @@ def precompute_upcycle(cfg: dict, pool: Path, ckpt: Path, cache: Path, threads: 
     net = ev.load_network(build_net(cfg['teacher']['network']), ckpt).eval().to(device)
     hr_f, lr_f = RowFile(pool / 'pool_hr.bin'), RowFile(pool / 'pool_lr.bin')
     n = len(lr_f)
-    tiles = np.random.default_rng(int(cfg['pool']['seed']) + 3).integers(0, scale * scale, n)
-    _rows_write(folder / 'zin_tile.bin', tiles.astype(np.int64))
+    rng = np.random.default_rng(int(cfg['pool']['seed']) + 3)
+    tiles = rng.integers(0, scale * scale, n)[:, None] if k == 1 else \
+        np.argsort(rng.random((n, scale * scale)), axis=1)[:, :k]  # distinct tiles of each patch
+    _rows_write(folder / 'zin_tile.bin', tiles.astype(np.int64).reshape(-1))
     g, l = hr_f.shape[-1], lr_f.shape[-1]
-    zin_mm = np.memmap(folder / 'zin_t.bin', np.float16, 'w+', shape=(n, 3, g, g))
+    zin_mm = np.memmap(folder / 'zin_t.bin', np.float16, 'w+', shape=(n * k, 3, g, g))
     lo = -(-l // scale) * scale  # the teacher's output of the zoomed-out LR patch
     zout_mm = np.memmap(folder / 'zout_t.bin', np.float16, 'w+', shape=(n, 3, lo, lo))
-    for name, shp in (('zin_t.bin', (n, 3, g, g)), ('zout_t.bin', (n, 3, lo, lo))):
+    for name, shp in (('zin_t.bin', (n * k, 3, g, g)), ('zout_t.bin', (n, 3, lo, lo))):
         with open(str(folder / name) + '.json', 'w') as f:
             json.dump(dict(shape=list(shp), dtype='float16'), f)
     t0, bs = time.time(), 32
@@ -364,7 +371,7 @@ def precompute_upcycle(cfg: dict, pool: Path, ckpt: Path, cache: Path, threads: 
         for s0 in range(0, n, bs):
             idx = np.arange(s0, min(n, s0 + bs))
             gt, lq = to_float(hr_f.take(idx), device), to_float(lr_f.take(idx), device)
-            zin_mm[s0:s0 + len(idx)] = net(upcycle_tiles(gt, tiles[idx], scale)).half().cpu().numpy()
+            zin_mm[s0 * k:(s0 + len(idx)) * k] = net(upcycle_tiles(gt, tiles[idx], scale)).half().cpu().numpy()
             zout_mm[s0:s0 + len(idx)] = net(zoom_out(lq, scale)).half().cpu().numpy()
             if (s0 // bs) % 50 == 0:
                 done = s0 + len(idx)
@@ -378,11 +385,14 @@ def precompute_upcycle(cfg: dict, pool: Path, ckpt: Path, cache: Path, threads: 
 
 
 def upcycle_tiles(gt: torch.Tensor, tile: np.ndarray, scale: int) -> torch.Tensor:
-    """Tile ``tile[i]`` (row-major in the ``scale x scale`` grid) of each GT patch: the cached zoom-in input."""
+    """Tiles ``tile[i]`` (``B`` or ``B x k`` indices, row-major in the ``scale x scale`` grid) of each
+    GT patch: the cached zoom-in inputs, ``B*k x C x H/scale x W/scale``, sample-major like
+    :func:`krdistill.upcycle.zoom_in_tiles`."""
     b, c, hh, ww = gt.shape
     h, w = hh // scale, ww // scale
     tiles = gt.reshape(b, c, scale, h, scale, w).permute(0, 2, 4, 1, 3, 5).reshape(b, scale * scale, c, h, w)
-    return tiles[torch.arange(b, device=gt.device), torch.as_tensor(np.asarray(tile), device=gt.device)]
+    pick = torch.as_tensor(np.asarray(tile), device=gt.device).reshape(b, -1)
+    return tiles[torch.arange(b, device=gt.device)[:, None], pick].reshape(-1, c, h, w)
 
 
 def step_flops(cfg: dict, method: str, mcfg: dict, batch: int = 2) -> float:
@@ -590,7 +600,7 @@ class CachedBatches:
         self.feats = [rows(tcache / f'feat_{n}.bin') for n in spec['teacher_layers']] if uses_feats else []
         if 'upcycle_opt' in opts:
             ucache = Path(spec['upcycle_cache'])
-            self.zin_tile = np.fromfile(ucache / 'zin_tile.bin', np.int64)
+            self.zin_tile = np.fromfile(ucache / 'zin_tile.bin', np.int64).reshape(len(self.hr), -1)
             self.zin_t, self.zout_t = rows(ucache / 'zin_t.bin'), rows(ucache / 'zout_t.bin')
         self.order = batch_order(len(self.hr), spec['iters'], spec['batch'], spec['seed'])
         self.scale, self.device = spec['scale'], device
@@ -606,11 +616,13 @@ class CachedBatches:
 
     def upcycled(self, up, lq, gt, idx) -> Upcycled:
         o, dev = up.options, self.device
+        k = self.zin_tile.shape[1]
         zin = upcycle_tiles(gt, self.zin_tile[idx], self.scale) if o.zoom_in else None
+        zin_rows = (np.asarray(idx)[:, None] * k + np.arange(k)).reshape(-1)  # patch-major, like the tiles
         zout = zoom_out(lq, self.scale) if o.zoom_out else None
-        return Upcycled(zin=zin, zin_t=self.zin_t.rows(idx, dev).float() if o.zoom_in else None,
+        return Upcycled(zin=zin, zin_t=self.zin_t.rows(zin_rows, dev).float() if o.zoom_in else None,
                         zout=zout, zout_t=self.zout_t.rows(idx, dev).float() if o.zoom_out else None, lq=lq,
-                        zin_ops=up.augmentations(len(idx)) if o.zoom_in else None,
+                        zin_ops=up.augmentations(len(idx) * k) if o.zoom_in else None,
                         zout_ops=up.augmentations(len(idx)) if o.zoom_out else None)
 
 
@@ -878,11 +890,16 @@ def prepare(cfg: dict, data_root: Path, out: Path, teacher_ckpt: str | None, thr
         teacher_ckpt = cfg['teacher']['checkpoint']
     tpath = get_teacher(cfg, pool, out, teacher_ckpt, threads, device)
     tcache = precompute_teacher(cfg, pool, tpath, list(cfg['kd']['teacher_layers']), cache, threads, device)
-    ucache = precompute_upcycle(cfg, pool, tpath, cache, threads, device) \
-        if any('upcycle_opt' in (m or {}) for m in cfg['methods'].values()) else None
+    ucaches = {k: str(precompute_upcycle(cfg, pool, tpath, cache, threads, device, k))
+               for k in sorted({zoom_in_tiles_of(m) for m in cfg['methods'].values() if 'upcycle_opt' in (m or {})})}
     return dict(out=str(out), tests=tests, val=val, pool=str(pool), quiz_pool=str(quiz) if quiz else None,
                 teacher_ckpt=str(tpath), teacher_cache=str(tcache), shapes=_shapes(cfg), device=device,
-                upcycle_cache=str(ucache) if ucache else None)
+                upcycle_caches=ucaches)
+
+
+def zoom_in_tiles_of(mcfg: dict | None) -> int:
+    """The zoom-in tiles per patch a row's ``upcycle_opt`` asks for (its cache; at least 1)."""
+    return max(1, int(((mcfg or {}).get('upcycle_opt') or {}).get('zoom_in', 1)))
 
 
 def reference_scores(cfg: dict, ctx: dict, out: Path, threads: int, device='cpu') -> dict:
@@ -908,7 +925,7 @@ def job_spec(cfg: dict, ctx: dict, name: str, method: str, mcfg: dict, seed: int
     """What :func:`run_job` needs for one (method, seed, iterations) run (``nominal_iters``: the
     length it stands for, e.g. with ``equal_compute``)."""
     return dict(name=name, method=method, method_cfg=mcfg, seed=seed, iters=iters, nominal_iters=nominal_iters,
-                upcycle_cache=ctx.get('upcycle_cache'), batch=cfg['train']['batch'],
+                upcycle_cache=(ctx.get('upcycle_caches') or {}).get(zoom_in_tiles_of(mcfg)), batch=cfg['train']['batch'],
                 lr=cfg['train']['lr'], betas=cfg['train']['betas'], threads=threads, scale=cfg['scale'],
                 pool=ctx['pool'], quiz_pool=ctx['quiz_pool'], teacher_cache=ctx['teacher_cache'],
                 teacher_layers=list(cfg['kd']['teacher_layers']), student_layers=list(cfg['kd']['student_layers']),

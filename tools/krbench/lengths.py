@@ -48,7 +48,7 @@ def _cost(method: str, mcfg: dict) -> float:
     if is_metakd(mcfg):
         return 1.6
     if 'upcycle_opt' in (mcfg or {}):
-        return 2.2
+        return 1.2 + max(1, int((mcfg['upcycle_opt'] or {}).get('zoom_in', 1)))  # a zoom-in tile costs ~1 patch
     return _COST.get(method, 1.3)
 
 

@@ -91,8 +91,6 @@ def check_method(block: dict, key: str = 'methods.<name>') -> None:
         if 'kd_opt' not in block or sorted(set(ro) - {'lr', 'betas'}):
             raise ValueError(f'{key}.optim_kd: {{lr, betas}} of the regressors of a kd_opt loss (Adam, its own '
                              f'param group, cosine like the student); needs {key}.kd_opt, got {ro!r}')
-    if 'upcycle_opt' in block and int((block['upcycle_opt'] or {}).get('zoom_in', 1)) > 1:
-        raise ValueError(f'{key}.upcycle_opt.zoom_in: the protocol caches one zoom-in tile per pool patch; use 1 or 0')
     if block.get('meta_data') not in (None, 'quiz'):
         raise ValueError(f'{key}.meta_data: {PROTOCOL_KEYS["meta_data"]}, got {block["meta_data"]!r}')
     sf = block.get('start_fraction')
