@@ -161,10 +161,13 @@ class _TrainRun:
         return self.resume_state
 
     def create_train_val_dataloader(self, opt: dict, logger):
+        from .option_checks import check_run_options
         from .preflight import check_datasets
         from .resume import skip_consumed_batches
         for note in self.notes:
             logger.warning(note)
+        if (opt.get('datasets') or {}).get('train') is not None:
+            check_run_options(opt)  # before BasicSR's int(total_iter)
         check_dataset_phases(opt)
         check_datasets(opt)  # clear errors before anything is built (krdistill/preflight.py)
         result = self._create_train_val_dataloader(opt, logger)

@@ -109,3 +109,17 @@ def signature_keys(cls, skip: Iterable[str] = ('self', )) -> tuple[str, ...] | N
         return None
     skip = set(skip)
     return tuple(n for n, p in params.items() if n not in skip and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
+
+
+def check_run_options(opt: Mapping) -> None:
+    """``train.total_iter`` is a whole number >= 1 (BasicSR trains nothing and exits 0 otherwise) and
+    ``num_gpu`` asks for no CUDA device the machine lacks (torch's own error names no key)."""
+    import torch
+    total = (opt.get('train') or {}).get('total_iter')
+    if isinstance(total, bool) or not isinstance(total, (int, float)) or total != total or int(total) != total \
+            or total < 1:
+        raise ValueError(f'train.total_iter: must be a whole number of iterations >= 1, got {total!r}')
+    gpus = opt.get('num_gpu', 0)
+    if isinstance(gpus, int) and not isinstance(gpus, bool) and gpus > 0 and not torch.cuda.is_available():
+        raise RuntimeError(f'num_gpu: {gpus}, but torch finds no CUDA device on this machine; set num_gpu: 0 '
+                           '(CPU) or auto')

@@ -165,6 +165,10 @@ def check_dataset(phase: str, ds: dict, key: str | None = None) -> None:
             _check_size(key, kind, scale, f'{ds["dataroot_gt"]}:{name}', size, f'{ds["dataroot_lq"]}:{name}',
                         lq_sizes[name])
 
+    gt_size = ds.get('gt_size')
+    if kind == 'train' and isinstance(scale, int) and isinstance(gt_size, int) and gt_size % scale:
+        raise ValueError(f'{key}.gt_size: {gt_size} is not a multiple of the scale ({scale}); the LR crop would be '
+                         f'{gt_size / scale:g} pixels (e.g. gt_size: {gt_size - gt_size % scale})')
     if len(files) == 2:  # paired folders: the pairs BasicSR builds, their integrity and sizes
         tmpl = ds.get('filename_tmpl', '{}')
         gt_root, lq_root = ds['dataroot_gt'], ds['dataroot_lq']
@@ -192,6 +196,9 @@ def check_dataset(phase: str, ds: dict, key: str | None = None) -> None:
                 sizes.append(size)
             if isinstance(scale, int):
                 _check_size(key, kind, scale, gt_path, sizes[0], lq_path, sizes[1])
+            if kind == 'train' and isinstance(gt_size, int) and sizes[0] and min(sizes[0]) < gt_size:
+                raise ValueError(f'{key}.gt_size: {gt_size}, but GT {gt_path} is only {sizes[0][0]}x{sizes[0][1]}; '
+                                 f'lower gt_size or leave that image out')
     else:  # one folder (e.g. SingleImageDataset): integrity only
         for root_key, names in files.items():
             if not verify:

@@ -67,6 +67,11 @@ class MetaKDModel(TeacherStudentModel):
         if not self.kd_opt['student_layers']:
             raise ValueError('kd.student_layers / kd.teacher_layers: MetaKD needs at least one distillation point')
         ds_opt = meta.pop('dataset', None)
+        start, total = meta.get('start', 0), opt['train']['total_iter']
+        if isinstance(start, (int, float)) and not isinstance(start, bool) and start >= total and \
+                meta.get('update', META_DEFAULTS['update']) != 'frozen':
+            raise ValueError(f'meta.start: {start}, but train.total_iter is {total}: meta-learning would never start '
+                             '(the run is its frozen control); lower meta.start, or say meta.update: frozen')
         mkd = build_metakd(self.net_t, self.net_g, self.kd_opt['teacher_layers'], self.kd_opt['student_layers'],
                            network_kr=opt.get('network_kr'), texture_opt=train_opt.get('texture_opt'),
                            output_kd_opt=train_opt.get('output_kd_opt'), pixel_opt=pixel_loss,

@@ -51,7 +51,7 @@ from ..build import BASICSR_KEYS, OPTIMIZERS, build_optimizer, probe_pairs
 from ..io import (CheckpointError, check_finite, load_checkpoint, load_weights, nonfinite_tensors, save_checkpoint,
                   state_dict_from, strip_prefix, write_error_cause)
 from ..metakd import check_number
-from ..option_checks import (BASICSR_TOP_KEYS, BASICSR_TRAIN_KEYS, check_keys, check_option_keys,
+from ..option_checks import (BASICSR_TOP_KEYS, BASICSR_TRAIN_KEYS, check_keys, check_option_keys, check_run_options,
                              signature_keys)
 
 __all__ = ['TeacherStudentModel', 'load_teacher', 'extend_keys', 'check_arch_keys']
@@ -123,6 +123,7 @@ class TeacherStudentModel(SRModel):
             check_arch_keys(opt.get(key), key)
         if opt.get('is_train'):
             self._check_channel_options(opt)
+            check_run_options(opt)
         super().__init__(opt)
 
     # ----------------------------------------------------------------- building
@@ -274,6 +275,10 @@ class TeacherStudentModel(SRModel):
         known = signature_keys(OPTIMIZERS[g_type], skip=('self', 'params')) if g_type in OPTIMIZERS else None
         if known is not None:
             check_keys(overrides, known, 'train.optim_kd')  # overrides of train.optim_g's settings
+        if overrides and not kd_params:
+            raise ValueError('train.optim_kd: sets the optimizer of the KD regressors (a train.kd_opt term with '
+                             'parameters, e.g. FitNetLoss), but this run has none; remove train.optim_kd or set '
+                             'train.kd_opt')
         if kd_params:
             group = {'params': kd_params}
             group.update(deepcopy(overrides))  # optional overrides, e.g. lr
