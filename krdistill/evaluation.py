@@ -6,6 +6,7 @@ and ``tools/evaluate.py``.
 """
 from __future__ import annotations
 
+import argparse
 import copy
 import os
 from pathlib import Path
@@ -178,6 +179,20 @@ def find_checkpoints(path: str | os.PathLike) -> list[tuple[str, Path, dict | No
     return found
 
 
+def check_upscale(net: nn.Module, scale: int, path, device='cpu') -> None:
+    """The network upscales by ``scale`` (one forward of a 16 x 16 input); else an error naming --scale."""
+    c = next((m.in_channels for m in net.modules() if isinstance(m, nn.Conv2d)), 3)
+    try:
+        with torch.no_grad():
+            out = net(torch.zeros(1, c, 16, 16, device=device))
+    except Exception:  # an arch that needs other input sizes: the shape check of the scores catches it
+        return
+    got = out.shape[-1] / 16
+    if got != scale:
+        raise ValueError(f'--scale: {scale}, but checkpoint {path} upscales by {got:g} with this architecture '
+                         f'(-opt / --preset); give --scale {got:g} or the matching data')
+
+
 def evaluate_checkpoints(checkpoints: Sequence[str | os.PathLike], hr_dir, scale: int, lr_dir=None,
                          network: dict | None = None, param_key: str | None = None, bicubic: bool = False,
                          device: str = 'cpu') -> dict:
@@ -193,6 +208,7 @@ def evaluate_checkpoints(checkpoints: Sequence[str | os.PathLike], hr_dir, scale
             if opt is None:
                 raise ValueError(f'{path}: give the architecture with -opt (network_g) or --preset')
             net = load_network(build_network(opt), path, param_key).to(device)
+            check_upscale(net, scale, path, device)
             try:
                 results[name] = evaluate(net, pairs, scale, device)
             except FloatingPointError as e:
@@ -200,10 +216,19 @@ def evaluate_checkpoints(checkpoints: Sequence[str | os.PathLike], hr_dir, scale
     return results
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f'must be a whole number >= 1, got {text!r}')
+    return value
+
+
 def run(argv=None) -> dict:
     """``krdistill-evaluate``'s work: parse ``argv``, evaluate, print the table (stdout), write
     ``--json``; returns ``{name: evaluate(...) result}``. Errors are raised."""
-    import argparse
     import json
     p = argparse.ArgumentParser(prog='krdistill-evaluate',
                                 description='Evaluate SR checkpoints (or benchmark run folders) on HR images: '
@@ -212,7 +237,7 @@ def run(argv=None) -> dict:
     p.add_argument('checkpoints', nargs='*', help='checkpoint files ({"params": ...}) or benchmark run folders')
     p.add_argument('--hr-dir', required=True, help='folder of HR images')
     p.add_argument('--lr-dir', default=None, help='reference LR images with the same file names (default: make them)')
-    p.add_argument('--scale', type=int, required=True)
+    p.add_argument('--scale', type=_positive_int, required=True)
     p.add_argument('-opt', '--opt', default=None, help='option YAML whose network_g gives the architecture')
     p.add_argument('--network-key', default='network_g', help='section of -opt to use (e.g. network_t)')
     p.add_argument('--preset', default=None, choices=sorted(PRESETS), help='a built-in architecture instead of -opt')

@@ -128,3 +128,19 @@ def test_evaluate_refuses_to_score_a_non_finite_output(tmp_path, capsys):
     assert 'overflow.pth' in err and 'im0' in err and 'non-finite' in err and 'not scored' in err
     torch.save({'params': {'dummy': torch.tensor([1.0])}}, ckpt)  # the same network with a finite output scores
     assert ev.main(args) == 0 and '| overflow |' in capsys.readouterr().out
+
+
+def test_evaluate_scale_that_is_not_the_networks_names_scale(tmp_path):
+    """An x2 checkpoint scored with --scale 4 is refused naming --scale and the network's factor
+    (before, the message compared image shapes); --scale 0 is an argument error (exit 2)."""
+    import pytest
+    hr_dir, _, _ = _folders(tmp_path)
+    ckpt = tmp_path / 'net.pth'
+    torch.save({'params': NearestUpTest(2).state_dict()}, ckpt)
+    opt = tmp_path / 'opt.yml'
+    opt.write_text(yaml.safe_dump({'network_g': {'type': 'NearestUpTest', 'scale': 2}}))
+    with pytest.raises(ValueError, match=r'^--scale: 4, but checkpoint .* upscales by 2'):
+        ev.run([str(ckpt), '-opt', str(opt), '--hr-dir', str(hr_dir), '--scale', '4'])
+    with pytest.raises(SystemExit) as e:
+        ev.run([str(ckpt), '-opt', str(opt), '--hr-dir', str(hr_dir), '--scale', '0'])
+    assert e.value.code == 2

@@ -199,3 +199,9 @@ def test_make_val_images_writes_scale_multiples(tmp_path):
     for p in paths:
         img = cv2.imread(str(p), cv2.IMREAD_UNCHANGED)
         assert img.ndim == 3 and img.shape[2] == 3 and img.shape[0] % 4 == 0 and img.shape[1] % 4 == 0, p
+
+
+def test_export_to_a_folder_names_output(tmp_path, export_tool):
+    run, _, _ = _run_folder(tmp_path)
+    with pytest.raises(export_tool.ExportError, match=r'^--output: .* is a folder; give a file name'):
+        export_tool.export_student(str(run), str(tmp_path))

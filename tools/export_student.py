@@ -138,6 +138,8 @@ def export_student(src: str, dst: str, param_key: str = 'all', iteration: int | 
         raise ExportError(str(err)) from None
     if osp.abspath(dst) == osp.abspath(path):
         raise ExportError('output path equals the input checkpoint; choose another --output')
+    if osp.isdir(dst):
+        raise ExportError(f'--output: {dst} is a folder; give a file name, e.g. {osp.join(dst, "student.pth")}')
     try:
         os.makedirs(osp.dirname(osp.abspath(dst)), exist_ok=True)
     except OSError as err:
